@@ -1,0 +1,50 @@
+"""The engine interface: load one stage graph, run a batch, report its input/output specs.
+
+Backends (:mod:`quantpipe.engines.onnxruntime`, :mod:`quantpipe.engines.tensorrt`) implement
+:class:`Engine`; :func:`quantpipe.engines.load_engine` picks one. A stage has exactly one input and one
+output (the boundary tensors), float32, with a dynamic batch axis.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["TensorSpec", "Engine"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of an engine input or output; ``None`` marks a dynamic axis (the batch)."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: np.dtype = np.dtype(np.float32)
+
+
+class Engine(abc.ABC):
+    """One stage's compiled graph."""
+
+    #: short backend name, e.g. ``"onnxruntime"`` or ``"tensorrt"``
+    backend: str = ""
+
+    @property
+    @abc.abstractmethod
+    def input(self) -> TensorSpec: ...
+
+    @property
+    @abc.abstractmethod
+    def output(self) -> TensorSpec: ...
+
+    @abc.abstractmethod
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Run one batch (float32, C-contiguous, shape matching :attr:`input`) and return the output."""
+
+    def describe(self) -> str:
+        """One line for logs: backend, providers or device, precision."""
+        return self.backend
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (GPU memory, sessions)."""

@@ -1,0 +1,116 @@
+"""Affine quantization primitives: the one numpy definition of rounding and clipping.
+
+Everything that quantizes a boundary tensor (calibration, evaluation, the stage daemons, the fast
+kernels in :mod:`quantpipe.quant._kernels`) follows these definitions exactly; the fast path is tested
+bit-for-bit against them.
+
+Uniform affine quantization to ``M`` bits over ``[lo, hi]`` (algorithms.md section 3)::
+
+    L     = 2**M - 1                     # number of steps
+    s     = (hi - lo) / L                # step
+    q     = floor((clip(x, lo, hi) - lo) * (L / (hi - lo)) + 0.5)   # integer in [0, L]
+    x_hat = q * s + lo
+
+All arithmetic is float32, in that order, so that a compiled kernel can reproduce it bit for bit.
+
+Ranges are either scalars (per tensor) or 1-D arrays of length ``C`` that broadcast over the last axis
+(per channel: the hidden dimension of a ``[B, tokens, C]`` ViT residual stream).
+
+Edge cases (documented behaviour, tested):
+
+* constant range (``hi == lo``): every value encodes to code 0 and decodes to ``lo``; never a division
+  by zero.
+* ``+inf`` / ``-inf`` saturate to ``hi`` / ``lo`` like any out-of-range value.
+* ``NaN`` encodes to code 0; it never affects a neighbouring value. The codec counts NaNs so that the
+  caller can refuse the tensor (:func:`quantpipe.quant.codec.encode` raises by default).
+* an inverted range (``hi < lo``) or a non-finite range is rejected with ``ValueError``.
+* 32 bits means no quantization: the float32 tensor travels as is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "QUANT_BITS",
+    "WIRE_BITS",
+    "check_bits",
+    "code_dtype",
+    "levels",
+    "as_range",
+    "step_and_inverse",
+    "quantize",
+    "dequantize",
+]
+
+#: Bitwidths that are quantized (integer codes).
+QUANT_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+#: Bitwidths a frame may carry: the quantized ones plus 32 (raw float32).
+WIRE_BITS: tuple[int, ...] = QUANT_BITS + (32,)
+
+
+def check_bits(bits: int, allowed: tuple[int, ...] = QUANT_BITS) -> int:
+    """Return ``bits`` as an int if it is one of ``allowed``, else raise ``ValueError``."""
+    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in allowed:
+        raise ValueError(f"unsupported bitwidth {bits!r}: choose one of {', '.join(map(str, allowed))}")
+    return int(bits)
+
+
+def code_dtype(bits: int) -> np.dtype:
+    """The unsigned integer dtype that holds one code of ``bits`` bits."""
+    return np.dtype(np.uint8) if check_bits(bits) <= 8 else np.dtype(np.uint16)
+
+
+def levels(bits: int) -> int:
+    """``L = 2**bits - 1``, the largest code."""
+    return (1 << check_bits(bits)) - 1
+
+
+def as_range(lo, hi, channels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a clip range and return it as two float32 arrays (0-d or 1-d).
+
+    Args:
+        lo, hi: scalars or 1-D arrays of equal length.
+        channels: if given, 1-D ranges must have this length (the last axis of the tensor).
+    """
+    lo_a = np.asarray(lo, dtype=np.float32)
+    hi_a = np.asarray(hi, dtype=np.float32)
+    if lo_a.shape != hi_a.shape or lo_a.ndim > 1:
+        raise ValueError(f"clip range must be two scalars or two 1-D arrays of equal length, got shapes {lo_a.shape} and {hi_a.shape}")
+    if lo_a.ndim == 1 and channels is not None and lo_a.shape[0] != channels:
+        raise ValueError(f"per-channel clip range has {lo_a.shape[0]} channels but the tensor's last axis has {channels}")
+    if not (np.all(np.isfinite(lo_a)) and np.all(np.isfinite(hi_a))):
+        raise ValueError("clip range must be finite")
+    if np.any(hi_a < lo_a):
+        raise ValueError("clip range is inverted (hi < lo)")
+    return lo_a, hi_a
+
+
+def step_and_inverse(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Step ``s = (hi - lo) / L`` and its inverse ``L / (hi - lo)`` (0 where the range is empty), float32."""
+    n_levels = np.float32(levels(bits))
+    span = (hi - lo).astype(np.float32)
+    step = (span / n_levels).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.where(span > 0, n_levels / span, np.float32(0)).astype(np.float32)
+    return step, inverse
+
+
+def quantize(x: np.ndarray, lo, hi, bits: int) -> np.ndarray:
+    """Integer codes of ``x`` (reference implementation; see the module docstring)."""
+    x = np.asarray(x, dtype=np.float32)
+    lo_a, hi_a = as_range(lo, hi, x.shape[-1] if x.ndim else None)
+    _, inverse = step_and_inverse(lo_a, hi_a, bits)
+    v = (np.minimum(np.maximum(x, lo_a), hi_a) - lo_a) * inverse
+    q = np.floor(v + np.float32(0.5))
+    q = np.where(np.isnan(q), np.float32(0), q)  # NaN -> code 0
+    q = np.minimum(q, np.float32(levels(bits)))
+    return q.astype(code_dtype(bits))
+
+
+def dequantize(codes: np.ndarray, lo, hi, bits: int) -> np.ndarray:
+    """Float32 reconstruction ``q * s + lo`` of integer codes (reference implementation)."""
+    codes = np.asarray(codes)
+    lo_a, hi_a = as_range(lo, hi, codes.shape[-1] if codes.ndim else None)
+    step, _ = step_and_inverse(lo_a, hi_a, bits)
+    return (codes.astype(np.float32) * step + lo_a).astype(np.float32)

@@ -1,0 +1,34 @@
+"""Shared fixtures: where ../shared is, and skips for hardware/library-dependent tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QUANTPIPE_SHARED", REPO.parent / "shared"))
+DEIT_TINY_WEIGHTS = SHARED / "data" / "deit-tiny" / "deit_tiny_patch16_224.safetensors"
+IMAGENET_DEV = SHARED / "data" / "imagenet-dev"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} not present (set QUANTPIPE_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_weights() -> Path:
+    if not DEIT_TINY_WEIGHTS.is_file():
+        pytest.skip(f"{DEIT_TINY_WEIGHTS} not present")
+    return DEIT_TINY_WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def imagenet_dev() -> Path:
+    if not IMAGENET_DEV.is_dir():
+        pytest.skip(f"{IMAGENET_DEV} not present")
+    return IMAGENET_DEV
