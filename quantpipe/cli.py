@@ -124,6 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         code = module.run(args)
+    except ModuleNotFoundError as exc:
+        # Heavy dependencies are imported inside the functions that need them.
+        message = _missing_dependency_message(name, exc)
+        if message is None:
+            raise
+        print(f"quantpipe {name}: error: {message}", file=sys.stderr)
+        return 1
     except QuantpipeError as exc:
         print(f"quantpipe {name}: error: {exc}", file=sys.stderr)
         return 1
