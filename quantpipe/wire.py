@@ -35,8 +35,16 @@ bitwidth on any frame without a handshake. :func:`parse_header` validates every 
 :func:`decode_frame` also checks the payload against the header; anything malformed, truncated,
 oversized, inconsistent or corrupted raises :class:`~quantpipe.errors.FrameError` with a ``kind``.
 
-Control messages (acks, heartbeats, errors) use the same header with an empty or small payload;
-their meaning is defined by the runtime (:mod:`quantpipe.runtime`).
+Control messages (acks, heartbeats, errors) use the same header with an empty or small payload
+(:func:`encode_control` / :func:`decode_control`): ``bits`` 32, range kind none, ``shape`` ``(count,)``
+where count is the number of images a message concerns (0 for acks and heartbeats), ``seq`` the
+microbatch it concerns, ``first_id`` its first image id (a heartbeat carries the sender's incarnation
+there, so a peer notices a restart). The runtime (:mod:`quantpipe.runtime.link`) defines what they mean.
+
+On a runtime link, data and error messages carry one more, last frame: the 8-byte *trace*
+(:func:`pack_trace`), the source's wall-clock time when the microbatch entered the pipeline, so the
+sink can report per-image latency. The link layer strips it before calling :func:`decode_frame`, which
+keeps seeing exactly the 2- or 3-frame data message documented above.
 """
 
 from __future__ import annotations
@@ -70,6 +78,12 @@ __all__ = [
     "encode_frame",
     "decode_frame",
     "frame_nbytes",
+    "TRACE_SIZE",
+    "MAX_CONTROL_BODY",
+    "pack_trace",
+    "parse_trace",
+    "encode_control",
+    "decode_control",
 ]
 
 MAGIC = b"QPIP"
@@ -81,6 +95,11 @@ DEFAULT_MAX_PAYLOAD = 256 * 1024 * 1024
 
 _STRUCT = struct.Struct("<4sBBBBBBBBHBBQQIIffIHHHHI")
 assert _STRUCT.size == HEADER_SIZE
+
+_TRACE = struct.Struct("<d")
+TRACE_SIZE = _TRACE.size
+#: Control bodies (error reports) are small JSON documents; anything larger is refused.
+MAX_CONTROL_BODY = 64 * 1024
 
 _DTYPES = {1: np.dtype(np.float32)}
 _DTYPE_CODES = {v: k for k, v in _DTYPES.items()}
@@ -304,3 +323,58 @@ def _buffer(frame) -> memoryview:
     """A read-only byte view of a zmq.Frame, bytes or buffer, without copying."""
     buf = getattr(frame, "buffer", frame)
     return memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+
+
+def pack_trace(t_origin: float) -> bytes:
+    """The trace frame: the source's wall-clock time (seconds since the epoch) for latency reports."""
+    return _TRACE.pack(float(t_origin))
+
+
+def parse_trace(frame) -> float:
+    """Parse a trace frame. Raises :class:`FrameError` (kind ``"malformed"``) unless it is 8 finite bytes."""
+    buf = _buffer(frame)
+    if len(buf) != TRACE_SIZE:
+        raise FrameError(f"trace frame is {len(buf)} bytes, expected {TRACE_SIZE}", "malformed")
+    (t,) = _TRACE.unpack(buf)
+    if not math.isfinite(t):
+        raise FrameError("trace frame holds a non-finite time", "malformed")
+    return t
+
+
+def encode_control(
+    msg_type: MsgType, *, seq: int = 0, stage: int = SOURCE_STAGE, first_id: int = 0, count: int = 0,
+    body: bytes = b"",
+) -> list[bytes]:
+    """Encode a control message ``[header(, body)]``: an ack, heartbeat or error report.
+
+    Args:
+        msg_type: :attr:`MsgType.ACK`, :attr:`MsgType.HEARTBEAT` or :attr:`MsgType.ERROR`.
+        seq: the microbatch acknowledged or reported on.
+        stage: the sending stage.
+        first_id: first image id of the microbatch (errors), or the sender's incarnation (heartbeats).
+        count: images concerned (errors), else 0.
+        body: small payload (an error report's UTF-8 JSON); at most :data:`MAX_CONTROL_BODY` bytes.
+    """
+    msg_type = MsgType(msg_type)
+    if msg_type == MsgType.DATA:
+        raise ValueError("data messages are made with encode_frame")
+    if len(body) > MAX_CONTROL_BODY:
+        raise ValueError(f"control body of {len(body)} bytes exceeds {MAX_CONTROL_BODY}")
+    header = pack_header(FrameHeader(seq=seq, first_id=first_id, shape=(count,), stage=stage,
+                                     msg_type=msg_type, payload_len=len(body)))
+    return [header, bytes(body)] if body else [header]
+
+
+def decode_control(frames) -> tuple[FrameHeader, bytes]:
+    """Validate a control message made by :func:`encode_control`; returns its header and body."""
+    if len(frames) not in (1, 2):
+        raise FrameError(f"a control message has 1 or 2 frames, got {len(frames)}", "malformed")
+    header = parse_header(_buffer(frames[0]), max_payload=MAX_CONTROL_BODY)
+    if header.msg_type == MsgType.DATA:
+        raise FrameError("expected a control message, got a data frame", "malformed")
+    if header.bits != 32 or header.range_kind != RangeKind.NONE or len(header.shape) != 1:
+        raise FrameError("control message header has data fields set", "inconsistent")
+    body = bytes(_buffer(frames[1])) if len(frames) == 2 else b""
+    if len(body) != header.payload_len:
+        raise FrameError(f"control body is {len(body)} bytes, header says {header.payload_len}", "length")
+    return header, body
