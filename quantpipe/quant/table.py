@@ -14,9 +14,9 @@ File layout (``format`` = ``"quantpipe.cliptable"``, ``version`` = 1)::
      "bits": [2, 3, 4, 5, 6, 8, 16],
      "methods": [{"name": "naive", "granularity": "tensor", "transform": null, "description": ...},
                  {"name": "rot_mse_pc", "granularity": "channel",
-                  "transform": {"kind": "hadamard", "seed": 0}, ...}, ...],
+                  "transform": {"key": "hadamard-0", "kind": "hadamard", "seed": 0}, ...}, ...],
      "boundaries": [{"index": 0, "shape": [null, 197, 192], "channels": 192,
-                     "transforms": {"rot_mse_pc": [[...192 floats...], ...]},
+                     "transforms": {"hadamard-0": [[...192 floats...], ...]},
                      "ranges": {"naive": {"2": {"lo": -51.2, "hi": 60.1}, ...},
                                 "mse_pc": {"2": {"lo": [...192...], "hi": [...]}, ...}, ...}}, ...]}
 
@@ -26,7 +26,8 @@ so the file round-trips exactly. Per-tensor methods store scalars, per-channel m
 
 Rotation matrices are *stored* (not regenerated from their seed): a table then means the same thing
 on every device whatever version of the generator it runs; ``transform.kind``/``seed`` only record
-how the matrix was made. Loading checks the matrix is orthogonal.
+how the matrix was made. Methods sharing a rotation share one stored matrix per boundary (under the
+method's ``transform.key``). Loading checks every matrix is orthogonal.
 
 The digest covers everything except ``content_sha256`` itself: the canonical content is
 ``json.dumps(content, sort_keys=True, separators=(",", ":"))`` of the other keys. Loading recomputes it
@@ -114,7 +115,8 @@ class ClipTable:
             methods: ``{"name", "granularity", "transform", "description"}`` per method, in index order.
             bits: the calibrated bitwidths.
             boundaries: per boundary ``{"index", "shape", "channels", "ranges": {method: {bits: (lo, hi)}},
-                "transforms": {method: R}}`` with numpy arrays or floats.
+                "transforms": {key: R}}`` with numpy arrays or floats; a rotation method's
+                ``transform`` record names its matrix with ``key``.
             provenance: model, split, stages (with sha256), dataset, num_images, tool versions, ...
         """
         entries = []
@@ -123,7 +125,7 @@ class ClipTable:
                 str(m): {str(int(k)): {"lo": _f32(lo), "hi": _f32(hi)} for k, (lo, hi) in sorted(per_bits.items())}
                 for m, per_bits in b["ranges"].items()
             }
-            transforms = {str(m): _f32(r) for m, r in (b.get("transforms") or {}).items()}
+            transforms = {str(k): _f32(r) for k, r in (b.get("transforms") or {}).items()}
             entries.append({"index": int(b["index"]), "shape": list(b["shape"]), "channels": int(b["channels"]),
                             "ranges": ranges, "transforms": transforms})
         content: dict[str, Any] = {
@@ -289,6 +291,7 @@ class ClipTable:
             if not 0 <= bi < 256 or bi in self._boundary_set:
                 raise self._fail(f"boundary index {bi} is out of range 0..255 or repeated")
             self._boundary_set.add(bi)
+            rotations: dict[str, np.ndarray] = {}
             for mi, m in enumerate(c["methods"]):
                 per_bits = b["ranges"].get(m["name"])
                 if per_bits is None:
@@ -296,7 +299,10 @@ class ClipTable:
                 for k in c["bits"]:
                     self._ranges[(bi, mi, int(k))] = self._checked_range(bi, m, k, per_bits.get(str(k)), ch)
                 if m.get("transform"):
-                    self._transforms[(bi, mi)] = self._checked_rotation(bi, m["name"], b.get("transforms", {}).get(m["name"]), ch)
+                    key = str(m["transform"].get("key", m["name"]))
+                    if key not in rotations:
+                        rotations[key] = self._checked_rotation(bi, key, b.get("transforms", {}).get(key), ch)
+                    self._transforms[(bi, mi)] = rotations[key]
 
     def _checked_range(self, bi: int, method: Mapping[str, Any], bits: int, entry: Any, ch: int):
         where = f"boundary {bi}, method {method['name']}, {bits} bits"
@@ -315,13 +321,13 @@ class ClipTable:
 
     def _checked_rotation(self, bi: int, name: str, rows: Any, ch: int) -> np.ndarray:
         if rows is None:
-            raise self._fail(f"boundary {bi} has no stored rotation for method {name}")
+            raise self._fail(f"boundary {bi} has no stored rotation {name!r}")
         r = np.asarray(rows, dtype=np.float32)
         if r.shape != (ch, ch):
-            raise self._fail(f"rotation of method {name} at boundary {bi} has shape {r.shape}, expected ({ch}, {ch})")
+            raise self._fail(f"rotation {name!r} at boundary {bi} has shape {r.shape}, expected ({ch}, {ch})")
         err = float(np.abs(r.astype(np.float64) @ r.T.astype(np.float64) - np.eye(ch)).max())
         if not math.isfinite(err) or err > _ORTHO_TOL:
-            raise self._fail(f"rotation of method {name} at boundary {bi} is not orthogonal (max |R R^T - I| = {err:.2e})")
+            raise self._fail(f"rotation {name!r} at boundary {bi} is not orthogonal (max |R R^T - I| = {err:.2e})")
         r = np.ascontiguousarray(r)
         r.setflags(write=False)
         return r
