@@ -1,0 +1,368 @@
+"""Fused single-pass codec kernels, compiled with numba: the fast path behind :mod:`quantpipe.quant.codec`.
+
+encode = clip + quantize + pack, decode = unpack + dequantize, in one pass over the tensor, producing
+exactly the bytes of ``packing.pack(primitives.quantize(...))`` and exactly the floats of
+``primitives.dequantize(packing.unpack(...))`` (the tests compare them on random data for every
+bitwidth, per tensor and per channel).
+
+How it stays fast and exact:
+
+* The flat tensor is processed in *rows* of ``P`` values, ``P`` a multiple of 8 (so every row starts on a
+  byte boundary of the bitstream, whatever the bitwidth) and of the channel count ``C`` (so channel
+  ``j % C`` of a row's value ``j`` is the same in every row). The per-channel ranges are tiled to ``P``
+  once per call (:func:`row_period`, done by the caller), so the inner loops are plain, branch-free
+  loops over contiguous arrays that LLVM vectorizes.
+* A row is quantized into a small code buffer that stays in L1, then packed (8 codes -> ``b`` bytes)
+  with special cases for ``b`` = 1, 2, 4 (whole codes per byte) and 8 / 16 (no buffer). The last,
+  partial row goes through the same loops; only its final incomplete group of 8 codes goes through an
+  8-code scratch buffer. Decode mirrors this.
+* float32 arithmetic in the reference's order. ``fastmath`` stays off: contracting ``q * s + lo`` into
+  an FMA, or reassociating, would change results in the last bit.
+* Quantization is rewritten branch-free but provably equal to the reference
+  ``min(floor((clip(x, lo, hi) - lo) * inv + 0.5), L)``: with ``t = (x - lo) * inv + 0.5`` the code is
+  ``trunc(min(max(t, 0), L))`` where ``max`` maps NaN to 0. The upper clip to ``hi`` is not needed
+  because rounding is monotone and ``(hi - lo) * inv >= L - 1/2`` in float32, so every ``x >= hi``
+  already reaches ``L``; values below ``lo`` give ``t < 1/2`` and code 0; NaN input (and the NaN of
+  ``0 * inf`` that the reference maps to 0) gives code 0. NaNs are counted in the same pass.
+
+Every function is compiled with ``cache=True`` (a restarted daemon loads machine code from
+``__pycache__`` instead of recompiling) and ``nogil=True`` (a daemon may encode while another thread
+receives). Only little-endian hosts are supported (x86-64, aarch64); :mod:`quantpipe.quant.codec`
+falls back to the numpy reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+__all__ = ["row_period", "encode_into", "decode_into", "warmup"]
+
+# No fastmath (see the module docstring); boundscheck off is numba's default, stated to be explicit.
+_JIT = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
+
+#: Rows hold about this many values: large enough that per-row overhead vanishes, small enough that the
+#: tiled ranges (2 x 4 bytes per value) and the code buffer stay in L1/L2.
+_TARGET_ROW = 2048
+
+
+def row_period(channels: int) -> int:
+    """Row length for a tensor with ``channels`` values per range period (1 for a per-tensor range).
+
+    A multiple of 8 and of ``channels``, at least about :data:`_TARGET_ROW` values.
+    """
+    base = channels * 8 // math.gcd(channels, 8)
+    return base * max(1, -(-_TARGET_ROW // base))
+
+
+# --------------------------------------------------------------------------------------------- encode
+
+
+@njit(**_JIT)
+def _quantize_row(x, m, lo, inv, n_levels, codes):
+    """Codes of ``x[:m]`` (ranges ``lo``/``inv`` already tiled to the row) into ``codes[:m]``.
+
+    Returns the number of NaNs in the row. The loop only ORs a NaN flag (a 64-bit counter in the loop
+    would halve its vector width); a flagged row, which is about to be refused anyway, is counted again
+    while it is still in L1.
+    """
+    zero = np.float32(0.0)
+    half = np.float32(0.5)
+    top = np.float32(n_levels)
+    seen_nan = False
+    for j in range(m):
+        v = x[j]
+        seen_nan |= v != v
+        t = (v - lo[j]) * inv[j] + half
+        t = t if t > zero else zero  # also NaN -> 0
+        t = t if t < top else top
+        codes[j] = t  # t is in [0, L]: truncation is floor
+    if not seen_nan:
+        return 0
+    nans = 0
+    for j in range(m):
+        nans += np.isnan(x[j])
+    return nans
+
+
+@njit(**_JIT)
+def _pack_groups(codes, k, bits, out):
+    """Pack ``codes[:k]`` (``k`` a multiple of 8, codes < 2**bits) into ``out[: k*bits//8]``.
+
+    ``codes`` (a multiple of 8 long) is read as little-endian words of 2, 4 or 8 codes so that each
+    output byte comes from one contiguous load and a few shifts, which vectorizes; reading code ``j``
+    as byte ``j`` of a word is where little-endianness is assumed.
+    """
+    if bits == 1:
+        w64 = codes.view(np.uint64)
+        for g in range(k >> 3):
+            x = w64[g] & np.uint64(0x0101010101010101)  # bit 0 of each code at bits 0, 8, ..., 56
+            x |= x >> np.uint64(7)
+            x |= x >> np.uint64(14)
+            x |= x >> np.uint64(28)
+            out[g] = np.uint8(x & np.uint64(0xFF))
+    elif bits == 2:
+        w32 = codes.view(np.uint32)
+        for g in range(k >> 2):
+            u = w32[g]
+            out[g] = np.uint8((u & np.uint32(0x03)) | ((u >> np.uint32(6)) & np.uint32(0x0C))
+                                  | ((u >> np.uint32(12)) & np.uint32(0x30)) | ((u >> np.uint32(18)) & np.uint32(0xC0)))
+    elif bits == 4:
+        w16 = codes.view(np.uint16)
+        for g in range(k >> 1):
+            u = w16[g]
+            out[g] = np.uint8((u & np.uint16(0x0F)) | ((u >> np.uint16(4)) & np.uint16(0xF0)))
+    elif bits == 8:
+        for g in range(k):
+            out[g] = codes[g]
+    # 3, 5, 6, 7 bits: one call site per width so that LLVM, inlining, sees `bits` as a constant and
+    # unrolls the byte loops.
+    elif bits == 3:
+        _pack_octets(codes, k, 3, out)
+    elif bits == 5:
+        _pack_octets(codes, k, 5, out)
+    elif bits == 6:
+        _pack_octets(codes, k, 6, out)
+    else:
+        _pack_octets(codes, k, 7, out)
+
+
+@njit(**_JIT)
+def _pack_octets(codes, k, bits, out):
+    """Pack groups of 8 codes into ``bits`` bytes each, through one 64-bit word per group."""
+    w64 = codes.view(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for g in range(k >> 3):
+        u = w64[g]
+        w = np.uint64(0)
+        for j in range(8):
+            w |= ((u >> np.uint64(8 * j)) & mask) << np.uint64(j * bits)
+        dst = out[g * bits:]
+        for i in range(bits):
+            dst[i] = np.uint8((w >> np.uint64(8 * i)) & np.uint64(0xFF))
+
+
+@njit(**_JIT)
+def _encode_narrow(x, lo, inv, bits, out):
+    """Encode at 1..8 bits (see :func:`encode_into`)."""
+    n = x.size
+    p = lo.size
+    n_levels = (1 << bits) - 1
+    codes = np.empty(p, dtype=np.uint8)
+    nans = 0
+    row_bytes = p * bits // 8
+    for r in range(n // p):
+        if bits == 8:
+            nans += _quantize_row(x[r * p:], p, lo, inv, n_levels, out[r * p:])
+        else:
+            nans += _quantize_row(x[r * p:], p, lo, inv, n_levels, codes)
+            _pack_groups(codes, p, bits, out[r * row_bytes:])
+    m = n % p
+    if m:
+        start = n - m
+        o = (n // p) * row_bytes
+        nans += _quantize_row(x[start:], m, lo, inv, n_levels, codes)
+        full = m & ~7
+        _pack_groups(codes, full, bits, out[o:])
+        rest = m - full
+        if rest:
+            # Last incomplete group of 8: pad with code 0 (zero bits) and keep only the bytes it needs.
+            group = np.zeros(8, dtype=np.uint8)
+            group[:rest] = codes[full:m]
+            scratch = np.zeros(8, dtype=np.uint8)
+            _pack_groups(group, 8, bits, scratch)
+            o += full * bits // 8
+            out[o:o + (rest * bits + 7) // 8] = scratch[:(rest * bits + 7) // 8]
+    return nans
+
+
+@njit(**_JIT)
+def _encode_wide(x, lo, inv, out):
+    """Encode at 16 bits: little-endian uint16 codes, written byte by byte (``out`` may be unaligned)."""
+    n = x.size
+    p = lo.size
+    codes = np.empty(p, dtype=np.uint16)
+    nans = 0
+    for r in range((n + p - 1) // p):
+        start = r * p
+        m = min(p, n - start)
+        nans += _quantize_row(x[start:], m, lo, inv, 65535, codes)
+        dst = out[2 * start:]
+        for j in range(m):
+            dst[2 * j] = np.uint8(codes[j] & np.uint16(0xFF))
+            dst[2 * j + 1] = np.uint8(codes[j] >> np.uint16(8))
+    return nans
+
+
+def encode_into(x: np.ndarray, lo: np.ndarray, inv: np.ndarray, bits: int, out: np.ndarray) -> int:
+    """Quantize and pack a flat float32 tensor into ``out``; return how many NaNs it held.
+
+    Args:
+        x: 1-D C-contiguous float32 values.
+        lo, inv: float32 arrays of length :func:`row_period` (C), the per-channel range start and inverse
+            step ``L / (hi - lo)`` (0 for an empty range) tiled to that length (a per-tensor range is
+            a constant array).
+        bits: 1..8 or 16 (validated by the caller).
+        out: uint8 array of exactly ``ceil(x.size * bits / 8)`` bytes.
+    """
+    x = _readonly(x)
+    if bits == 16:
+        return int(_encode_wide(x, lo, inv, out))
+    return int(_encode_narrow(x, lo, inv, bits, out))
+
+
+# --------------------------------------------------------------------------------------------- decode
+
+
+@njit(**_JIT)
+def _dequantize_row(codes, m, step, lo, y):
+    """``y[:m] = codes[:m] * step + lo`` in float32, two roundings (no FMA)."""
+    for j in range(m):
+        y[j] = np.float32(codes[j]) * step[j] + lo[j]
+
+
+@njit(**_JIT)
+def _unpack_groups(buf, k, bits, codes):
+    """Unpack ``k`` codes (a multiple of 8) from ``buf[: k*bits//8]`` into ``codes[:k]``.
+
+    The mirror of :func:`_pack_groups`: each input byte is spread into a word of 2, 4 or 8 codes.
+    """
+    if bits == 1:
+        w64 = codes.view(np.uint64)
+        for g in range(k >> 3):
+            x = np.uint64(buf[g])
+            x = (x | (x << np.uint64(28))) & np.uint64(0x0000000F0000000F)
+            x = (x | (x << np.uint64(14))) & np.uint64(0x0003000300030003)
+            x = (x | (x << np.uint64(7))) & np.uint64(0x0101010101010101)
+            w64[g] = x
+    elif bits == 2:
+        w32 = codes.view(np.uint32)
+        for g in range(k >> 2):
+            x = np.uint32(buf[g])
+            w32[g] = ((x & np.uint32(0x03)) | ((x & np.uint32(0x0C)) << np.uint32(6))
+                      | ((x & np.uint32(0x30)) << np.uint32(12)) | ((x & np.uint32(0xC0)) << np.uint32(18)))
+    elif bits == 4:
+        w16 = codes.view(np.uint16)
+        for g in range(k >> 1):
+            x = np.uint16(buf[g])
+            w16[g] = (x & np.uint16(0x0F)) | ((x & np.uint16(0xF0)) << np.uint16(4))
+    elif bits == 8:
+        for g in range(k):
+            codes[g] = buf[g]
+    elif bits == 3:
+        _unpack_octets(buf, k, 3, codes)
+    elif bits == 5:
+        _unpack_octets(buf, k, 5, codes)
+    elif bits == 6:
+        _unpack_octets(buf, k, 6, codes)
+    else:
+        _unpack_octets(buf, k, 7, codes)
+
+
+@njit(**_JIT)
+def _unpack_octets(buf, k, bits, codes):
+    """Unpack groups of ``bits`` bytes into 8 codes each, through one 64-bit word per group."""
+    w64 = codes.view(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    for g in range(k >> 3):
+        src = buf[g * bits:]
+        w = np.uint64(0)
+        for i in range(bits):
+            w |= np.uint64(src[i]) << np.uint64(8 * i)
+        x = np.uint64(0)
+        for j in range(8):
+            x |= ((w >> np.uint64(j * bits)) & mask) << np.uint64(8 * j)
+        w64[g] = x
+
+
+@njit(**_JIT)
+def _decode_narrow(buf, step, lo, bits, y):
+    """Decode 1..8-bit codes (see :func:`decode_into`)."""
+    n = y.size
+    p = lo.size
+    codes = np.empty(p, dtype=np.uint8)
+    row_bytes = p * bits // 8
+    for r in range(n // p):
+        if bits == 8:
+            _dequantize_row(buf[r * p:], p, step, lo, y[r * p:])
+        else:
+            _unpack_groups(buf[r * row_bytes:], p, bits, codes)
+            _dequantize_row(codes, p, step, lo, y[r * p:])
+    m = n % p
+    if m:
+        o = (n // p) * row_bytes
+        full = m & ~7
+        _unpack_groups(buf[o:], full, bits, codes)
+        rest = m - full
+        if rest:
+            # Copy the final partial group's bytes into a zeroed 8-byte scratch so unpacking never reads
+            # past the payload.
+            scratch = np.zeros(8, dtype=np.uint8)
+            have = (rest * bits + 7) // 8
+            o += full * bits // 8
+            scratch[:have] = buf[o:o + have]
+            group = np.empty(8, dtype=np.uint8)
+            _unpack_groups(scratch, 8, bits, group)
+            codes[full:m] = group[:rest]
+        _dequantize_row(codes, m, step, lo, y[n - m:])
+
+
+@njit(**_JIT)
+def _decode_wide(buf, step, lo, y):
+    """Decode little-endian 16-bit codes, read byte by byte (``buf`` may be unaligned)."""
+    n = y.size
+    p = lo.size
+    codes = np.empty(p, dtype=np.uint16)
+    for r in range((n + p - 1) // p):
+        start = r * p
+        m = min(p, n - start)
+        src = buf[2 * start:]
+        for j in range(m):
+            codes[j] = np.uint16(src[2 * j]) | (np.uint16(src[2 * j + 1]) << np.uint16(8))
+        _dequantize_row(codes, m, step, lo, y[start:])
+
+
+def decode_into(buf: np.ndarray, step: np.ndarray, lo: np.ndarray, bits: int, y: np.ndarray) -> None:
+    """Unpack and dequantize a payload into the flat float32 array ``y``.
+
+    Args:
+        buf: uint8 payload of exactly ``ceil(y.size * bits / 8)`` bytes.
+        step, lo: float32 step ``(hi - lo) / L`` and range start, tiled to :func:`row_period` (C).
+        bits: 1..8 or 16 (validated by the caller).
+        y: 1-D C-contiguous float32 output.
+    """
+    buf = _readonly(buf)
+    if bits == 16:
+        _decode_wide(buf, step, lo, y)
+    else:
+        _decode_narrow(buf, step, lo, bits, y)
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a``.
+
+    numba compiles one specialization per argument type, and writability is part of the type. Inputs
+    arrive both writable (a tensor from an engine) and read-only (a payload received from ZeroMQ), so
+    the entry points always see read-only inputs: one compilation instead of two.
+    """
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def warmup() -> None:
+    """Compile (or load from the on-disk cache) every specialization the codec uses.
+
+    All bitwidths share the same few machine-code specializations (the bitwidth is a runtime argument
+    that selects a loop per row), so a tiny tensor per path compiles everything.
+    """
+    p = row_period(1)
+    lo = np.zeros(p, dtype=np.float32)
+    ones = np.ones(p, dtype=np.float32)
+    x = np.linspace(-1, 2, 13, dtype=np.float32)
+    for bits in (1, 2, 3, 8, 16):
+        out = np.empty((x.size * bits + 7) // 8, dtype=np.uint8)
+        encode_into(x, lo, ones, bits, out)
+        decode_into(out, ones, lo, bits, np.empty_like(x))
