@@ -242,8 +242,6 @@ def _list_images(folder: Path, skipped: list[tuple[str, str]], recursive: bool) 
 
 def _select(groups: Mapping[int, list[Sample]], offset: int, per_class: int | None, num_images: int | None) -> list[Sample]:
     """Images [offset, offset+per_class) of every group, interleaved rank by rank, then the first num_images."""
-    if offset < 0 or (per_class is not None and per_class < 1) or (num_images is not None and num_images < 1):
-        raise ConfigError("--offset must be >= 0, --per-class and --num-images >= 1")
     picked = {k: v[offset: None if per_class is None else offset + per_class] for k, v in sorted(groups.items())}
     out: list[Sample] = []
     rank = 0
@@ -271,6 +269,8 @@ def open_dataset(
     """
     if kind not in DATASETS:
         raise ConfigError(f"unknown dataset {kind!r}: choose one of {', '.join(DATASETS)}")
+    if offset < 0 or (per_class is not None and per_class < 1) or (num_images is not None and num_images < 1):
+        raise ConfigError("--offset must be >= 0, --per-class and --num-images >= 1")
     skipped: list[tuple[str, str]] = []
     groups: dict[int, list[Sample]] = {}
     desc: dict[str, Any] = {"kind": kind, "offset": offset, "per_class": per_class, "num_images": num_images}
