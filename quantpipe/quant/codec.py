@@ -1,45 +1,97 @@
 """The tensor codec: encode = clip + quantize + pack, decode = unpack + dequantize.
 
-This is the API that calibration, evaluation and the stage daemons call. It dispatches to a fused
-single-pass kernel (:mod:`quantpipe.quant._kernels`, compiled with numba) when available, and to the
-numpy reference (:mod:`quantpipe.quant.primitives` + :mod:`quantpipe.quant.packing`) otherwise or when
-``QUANTPIPE_CODEC=reference`` is set. Both produce identical bytes.
+This is the API that calibration, evaluation and the stage daemons call. It dispatches to the fused
+single-pass kernels of :mod:`quantpipe.quant._kernels` (compiled with numba) when they are available,
+and to the numpy reference (:mod:`quantpipe.quant.primitives` + :mod:`quantpipe.quant.packing`)
+otherwise. Both produce identical bytes and identical floats (tested).
+
+The environment variable ``QUANTPIPE_CODEC`` picks the implementation: unset or ``auto`` (the fast
+kernels when numba imports, else the reference), ``reference`` (always numpy), ``fast`` (the kernels,
+or an error saying what to install). A daemon calls :func:`warmup` at start so that the first frame
+does not pay for loading (or, on a fresh install, compiling) the kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+from types import ModuleType
 
 import numpy as np
 
-from quantpipe.errors import QuantpipeError
+from quantpipe.errors import ConfigError, MissingDependencyError, QuantpipeError
 from quantpipe.quant import packing, primitives
-from quantpipe.quant.primitives import WIRE_BITS, as_range, check_bits
+from quantpipe.quant.primitives import WIRE_BITS, QuantizationInputError, check_bits, range_for_shape
 
-__all__ = ["NonFiniteInputError", "encoded_nbytes", "encode", "decode", "backend"]
+__all__ = [
+    "NonFiniteInputError",
+    "QuantizationInputError",
+    "encoded_nbytes",
+    "encode",
+    "decode",
+    "backend",
+    "warmup",
+]
+
+_ENV = "QUANTPIPE_CODEC"
 
 
 class NonFiniteInputError(QuantpipeError, ValueError):
     """The tensor to encode holds NaN values, which no integer code can represent."""
 
     def __init__(self, count: int):
-        super().__init__(f"tensor to encode holds {count} NaN value(s); refusing to quantize it silently")
+        super().__init__(
+            f"tensor to encode holds {count} NaN value(s); refusing to quantize it silently "
+            "(fix the stage that produced it, or pass allow_nan=True to encode NaN as code 0)"
+        )
         self.count = count
 
 
-def backend() -> str:
-    """``"reference"`` (numpy) or ``"fast"`` (compiled kernel): which implementation encode/decode use."""
-    if os.environ.get("QUANTPIPE_CODEC", "").lower() == "reference":
-        return "reference"
-    return "fast" if _fast() is not None else "reference"
-
-
-def _fast():
+@functools.cache
+def _load_kernels() -> ModuleType | None:
+    """The compiled kernels module, or None where numba is missing or the host is big-endian."""
+    if sys.byteorder != "little":  # the kernels read codes as little-endian words
+        return None
     try:
         from quantpipe.quant import _kernels
     except ImportError:
         return None
     return _kernels
+
+
+def _kernels_or_none() -> ModuleType | None:
+    choice = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if choice == "reference":
+        return None
+    if choice == "auto":
+        return _load_kernels()
+    if choice == "fast":
+        kernels = _load_kernels()
+        if kernels is None:
+            raise MissingDependencyError(
+                f"{_ENV}=fast needs numba on a little-endian host: pip install numba, or set {_ENV}=reference"
+            )
+        return kernels
+    raise ConfigError(f"{_ENV}={choice!r} is not one of auto, fast, reference")
+
+
+def backend() -> str:
+    """``"fast"`` (compiled kernels) or ``"reference"`` (numpy): what encode/decode use now."""
+    return "fast" if _kernels_or_none() is not None else "reference"
+
+
+def warmup() -> str:
+    """Load (or compile, the first time after install) every fast kernel; return :func:`backend`.
+
+    Compiled machine code is cached on disk next to the module, so only the first call after an
+    install or upgrade compiles (tens of seconds on a small CPU); later processes load it in well
+    under a second.
+    """
+    kernels = _kernels_or_none()
+    if kernels is not None:
+        kernels.warmup()
+    return backend()
 
 
 def encoded_nbytes(n: int, bits: int) -> int:
@@ -48,49 +100,138 @@ def encoded_nbytes(n: int, bits: int) -> int:
     return 4 * int(n) if bits == 32 else packing.packed_nbytes(n, bits)
 
 
-def encode(x: np.ndarray, bits: int, lo=None, hi=None, *, allow_nan: bool = False) -> np.ndarray:
+def _tiled(a: np.ndarray, period: int) -> np.ndarray:
+    """A 0-d or ``[C]`` float32 range array repeated to ``period`` values (a multiple of ``C``)."""
+    if a.ndim == 0:
+        return np.full(period, a, dtype=np.float32)
+    return np.tile(a, period // a.shape[0])
+
+
+def _check_out(out: np.ndarray, dtype: np.dtype, size: int, what: str) -> None:
+    if not isinstance(out, np.ndarray) or out.dtype != dtype or out.size != size:
+        raise QuantizationInputError(
+            f"out= must be a {np.dtype(dtype).name} numpy array of {size} elements for {what}, "
+            f"got {type(out).__name__} {getattr(out, 'dtype', '')} of {getattr(out, 'size', '?')} elements"
+        )
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise QuantizationInputError("out= must be a writable C-contiguous array: allocate it with np.empty")
+
+
+def encode(
+    x: np.ndarray, bits: int, lo=None, hi=None, *, allow_nan: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """Encode a float32 tensor into a uint8 payload.
 
     Args:
-        x: float32 tensor of any shape; per-channel ranges apply along its last axis.
+        x: float32 tensor of any shape (other dtypes are converted); per-channel ranges apply along its
+            last axis.
         bits: 1..8 or 16 (quantized) or 32 (raw float32, no range needed).
         lo, hi: clip range, scalars (per tensor) or 1-D arrays of length ``x.shape[-1]``.
         allow_nan: if False (default), a tensor holding NaN raises :class:`NonFiniteInputError`;
-            if True, NaNs encode to code 0.
+            if True, NaNs encode to code 0 (32 bits: travel as NaN).
+        out: optional uint8 array of :func:`encoded_nbytes` bytes to write into (reused send buffers);
+            it is returned.
 
     Returns:
-        A 1-D uint8 array of :func:`encoded_nbytes` bytes.
+        A 1-D uint8 array of :func:`encoded_nbytes` bytes. At 32 bits and without ``out``, a zero-copy
+        view of ``x``.
+
+    Raises:
+        QuantizationInputError: unsupported bitwidth, missing/invalid range, wrong channel count, bad
+            ``out``.
+        NonFiniteInputError: ``x`` holds NaN and ``allow_nan`` is False.
     """
     bits = check_bits(bits, WIRE_BITS)
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    # Aligned as well as contiguous: the compiled kernels are specialized for aligned arrays.
+    x = np.require(x, dtype=np.float32, requirements=["C", "A"])
+    nbytes = encoded_nbytes(x.size, bits)
+    if out is not None:
+        _check_out(out, np.dtype(np.uint8), nbytes, f"{x.size} values at {bits} bits")
+        out = out.reshape(-1)
     if bits == 32:
-        if not allow_nan and np.isnan(x).any():
-            raise NonFiniteInputError(int(np.isnan(x).sum()))
-        return x.reshape(-1).view(np.uint8)
+        # min() propagates NaN and allocates nothing: a cheap test before an exact count.
+        if not allow_nan and x.size and np.isnan(x.min()):
+            raise NonFiniteInputError(int(np.count_nonzero(np.isnan(x))))
+        raw = x.reshape(-1).view(np.uint8)
+        if out is None:
+            return raw
+        np.copyto(out, raw)
+        return out
     if lo is None or hi is None:
-        raise ValueError(f"encoding at {bits} bits needs a clip range (lo, hi)")
-    lo_a, hi_a = as_range(lo, hi, x.shape[-1] if x.ndim else None)
-    codes = primitives.quantize(x, lo_a, hi_a, bits)
-    if not allow_nan:
-        nan_count = int(np.isnan(x).sum())
-        if nan_count:
-            raise NonFiniteInputError(nan_count)
-    return packing.pack(codes, bits)
+        raise QuantizationInputError(f"encoding at {bits} bits needs a clip range (lo, hi)")
+    lo_a, hi_a = range_for_shape(x.shape, lo, hi)
+    if out is None:
+        out = np.empty(nbytes, dtype=np.uint8)
+    kernels = _kernels_or_none()
+    if kernels is None or x.size == 0:
+        codes = primitives.quantize(x, lo_a, hi_a, bits)
+        nan_count = int(np.count_nonzero(np.isnan(x))) if not allow_nan else 0
+        if not nan_count:
+            out[:] = packing.pack(codes, bits)
+    else:
+        _, inverse = primitives.step_and_inverse(lo_a, hi_a, bits)
+        period = kernels.row_period(lo_a.shape[0] if lo_a.ndim else 1)
+        nan_count = kernels.encode_into(x.reshape(-1), _tiled(lo_a, period), _tiled(inverse, period), bits, out)
+    if nan_count and not allow_nan:
+        raise NonFiniteInputError(nan_count)
+    return out
 
 
-def decode(payload, shape: tuple[int, ...], bits: int, lo=None, hi=None) -> np.ndarray:
-    """Decode a payload made by :func:`encode` back to a float32 tensor of ``shape``."""
+def decode(
+    payload, shape: tuple[int, ...], bits: int, lo=None, hi=None, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Decode a payload made by :func:`encode` back to a float32 tensor of ``shape``.
+
+    Args:
+        payload: bytes-like or uint8 array of exactly :func:`encoded_nbytes` bytes.
+        shape: the tensor's shape.
+        bits: the bitwidth it was encoded at.
+        lo, hi: the clip range it was encoded with (not needed at 32 bits).
+        out: optional float32 C-contiguous array of ``prod(shape)`` elements to decode into (saves an
+            allocation, and the page faults of touching fresh memory, per frame).
+
+    Returns:
+        The float32 tensor of ``shape``: a view of ``out`` when given; at 32 bits without ``out``, a
+        zero-copy view of ``payload``.
+
+    Raises:
+        QuantizationInputError: wrong payload length, unsupported bitwidth, missing/invalid range,
+            wrong channel count, bad ``out``.
+    """
     bits = check_bits(bits, WIRE_BITS)
     shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise QuantizationInputError(f"invalid shape {shape}: dimensions must be >= 0")
     n = int(np.prod(shape, dtype=np.int64))
     buf = np.frombuffer(payload, dtype=np.uint8) if not isinstance(payload, np.ndarray) else payload.reshape(-1).view(np.uint8)
     expected = encoded_nbytes(n, bits)
     if buf.size != expected:
-        raise ValueError(f"payload has {buf.size} bytes, shape {shape} at {bits} bits needs {expected}")
+        raise QuantizationInputError(
+            f"payload has {buf.size} bytes, shape {shape} at {bits} bits needs {expected}: "
+            "the sender and receiver disagree on shape or bitwidth"
+        )
+    if out is not None:
+        _check_out(out, np.dtype(np.float32), n, f"shape {shape}")
+        result = out.reshape(shape)
     if bits == 32:
-        return buf.view(np.float32).reshape(shape)
+        raw = buf.view(np.float32).reshape(shape)
+        if out is None:
+            return raw
+        np.copyto(result, raw)
+        return result
     if lo is None or hi is None:
-        raise ValueError(f"decoding at {bits} bits needs a clip range (lo, hi)")
-    lo_a, hi_a = as_range(lo, hi, shape[-1] if shape else None)
-    codes = packing.unpack(buf, n, bits).reshape(shape)
-    return primitives.dequantize(codes, lo_a, hi_a, bits)
+        raise QuantizationInputError(f"decoding at {bits} bits needs a clip range (lo, hi)")
+    lo_a, hi_a = range_for_shape(shape, lo, hi)
+    kernels = _kernels_or_none()
+    if kernels is None or n == 0:
+        x = primitives.dequantize(packing.unpack(buf, n, bits).reshape(shape), lo_a, hi_a, bits)
+        if out is None:
+            return x
+        np.copyto(result, x)
+        return result
+    if out is None:
+        result = np.empty(shape, dtype=np.float32)
+    step, _ = primitives.step_and_inverse(lo_a, hi_a, bits)
+    period = kernels.row_period(lo_a.shape[0] if lo_a.ndim else 1)
+    kernels.decode_into(buf, _tiled(step, period), _tiled(lo_a, period), bits, result.reshape(-1))
+    return result

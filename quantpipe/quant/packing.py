@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from quantpipe.quant.primitives import check_bits, code_dtype
+from quantpipe.quant.primitives import QuantizationInputError, check_bits, code_dtype
 
 __all__ = ["packed_nbytes", "pack", "unpack"]
 
@@ -31,11 +31,17 @@ def packed_nbytes(n: int, bits: int) -> int:
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack integer codes (any shape, taken in C order) into a uint8 bitstream."""
+    """Pack integer codes (any shape, taken in C order) into a uint8 bitstream.
+
+    Raises:
+        QuantizationInputError: a code is negative or does not fit in ``bits`` bits.
+    """
     bits = check_bits(bits)
     flat = np.ascontiguousarray(codes).reshape(-1)
-    if flat.size and int(flat.max()) >> bits:
-        raise ValueError(f"a code does not fit in {bits} bits (max code {int(flat.max())})")
+    if flat.size and (int(flat.max()) >> bits or int(flat.min()) < 0):
+        raise QuantizationInputError(
+            f"codes must lie in [0, {(1 << bits) - 1}] for {bits} bits, got [{int(flat.min())}, {int(flat.max())}]"
+        )
     if bits == 16:
         return flat.astype("<u2").view(np.uint8).copy()
     if bits == 8:
@@ -46,12 +52,18 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack(stream, n: int, bits: int) -> np.ndarray:
-    """Unpack ``n`` codes of ``bits`` bits from a bitstream (bytes-like or uint8 array)."""
+    """Unpack ``n`` codes of ``bits`` bits from a bitstream (bytes-like or uint8 array).
+
+    Bytes beyond ``ceil(n * bits / 8)`` are ignored.
+
+    Raises:
+        QuantizationInputError: the stream is shorter than ``n`` codes need.
+    """
     bits = check_bits(bits)
     buf = np.frombuffer(stream, dtype=np.uint8) if not isinstance(stream, np.ndarray) else stream.reshape(-1).view(np.uint8)
     need = packed_nbytes(n, bits)
     if buf.size < need:
-        raise ValueError(f"bitstream has {buf.size} bytes, {n} codes of {bits} bits need {need}")
+        raise QuantizationInputError(f"bitstream has {buf.size} bytes, {n} codes of {bits} bits need {need}")
     if bits == 16:
         return buf[: 2 * n].view("<u2").astype(np.uint16)
     if bits == 8:

@@ -23,7 +23,10 @@ Edge cases (documented behaviour, tested):
 * ``+inf`` / ``-inf`` saturate to ``hi`` / ``lo`` like any out-of-range value.
 * ``NaN`` encodes to code 0; it never affects a neighbouring value. The codec counts NaNs so that the
   caller can refuse the tensor (:func:`quantpipe.quant.codec.encode` raises by default).
-* an inverted range (``hi < lo``) or a non-finite range is rejected with ``ValueError``.
+* an inverted range (``hi < lo``), a non-finite range, a per-channel range whose length is not the
+  tensor's last axis (or a per-channel range for a 0-d tensor) and an unsupported bitwidth are rejected
+  with :class:`QuantizationInputError` (a ``ValueError`` and a
+  :class:`~quantpipe.errors.QuantpipeError`).
 * 32 bits means no quantization: the float32 tensor travels as is.
 """
 
@@ -31,17 +34,25 @@ from __future__ import annotations
 
 import numpy as np
 
+from quantpipe.errors import QuantpipeError
+
 __all__ = [
+    "QuantizationInputError",
     "QUANT_BITS",
     "WIRE_BITS",
     "check_bits",
     "code_dtype",
     "levels",
     "as_range",
+    "range_for_shape",
     "step_and_inverse",
     "quantize",
     "dequantize",
 ]
+
+class QuantizationInputError(QuantpipeError, ValueError):
+    """Invalid arguments to the quantizer: bitwidth, clip range, channel count, payload length."""
+
 
 #: Bitwidths that are quantized (integer codes).
 QUANT_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16)
@@ -50,9 +61,13 @@ WIRE_BITS: tuple[int, ...] = QUANT_BITS + (32,)
 
 
 def check_bits(bits: int, allowed: tuple[int, ...] = QUANT_BITS) -> int:
-    """Return ``bits`` as an int if it is one of ``allowed``, else raise ``ValueError``."""
-    if isinstance(bits, bool) or int(bits) != bits or int(bits) not in allowed:
-        raise ValueError(f"unsupported bitwidth {bits!r}: choose one of {', '.join(map(str, allowed))}")
+    """Return ``bits`` as an int if it is one of ``allowed``, else raise :class:`QuantizationInputError`."""
+    try:
+        valid = not isinstance(bits, bool) and int(bits) == bits and int(bits) in allowed
+    except (TypeError, ValueError, OverflowError):
+        valid = False
+    if not valid:
+        raise QuantizationInputError(f"unsupported bitwidth {bits!r}: choose one of {', '.join(map(str, allowed))}")
     return int(bits)
 
 
@@ -76,13 +91,25 @@ def as_range(lo, hi, channels: int | None = None) -> tuple[np.ndarray, np.ndarra
     lo_a = np.asarray(lo, dtype=np.float32)
     hi_a = np.asarray(hi, dtype=np.float32)
     if lo_a.shape != hi_a.shape or lo_a.ndim > 1:
-        raise ValueError(f"clip range must be two scalars or two 1-D arrays of equal length, got shapes {lo_a.shape} and {hi_a.shape}")
+        raise QuantizationInputError(f"clip range must be two scalars or two 1-D arrays of equal length, got shapes {lo_a.shape} and {hi_a.shape}")
     if lo_a.ndim == 1 and channels is not None and lo_a.shape[0] != channels:
-        raise ValueError(f"per-channel clip range has {lo_a.shape[0]} channels but the tensor's last axis has {channels}")
+        raise QuantizationInputError(f"per-channel clip range has {lo_a.shape[0]} channels but the tensor's last axis has {channels}")
     if not (np.all(np.isfinite(lo_a)) and np.all(np.isfinite(hi_a))):
-        raise ValueError("clip range must be finite")
+        raise QuantizationInputError("clip range must be finite: check the clip table or the inline range")
     if np.any(hi_a < lo_a):
-        raise ValueError("clip range is inverted (hi < lo)")
+        raise QuantizationInputError("clip range is inverted (hi < lo): pass the lower bound first")
+    return lo_a, hi_a
+
+
+def range_for_shape(shape: tuple[int, ...], lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`as_range` for a tensor of ``shape``: per-channel ranges must match its last axis.
+
+    A 0-d tensor has no channel axis, so it only takes a per-tensor range (broadcasting it against
+    ``C`` ranges would silently turn one value into ``C``).
+    """
+    lo_a, hi_a = as_range(lo, hi, shape[-1] if len(shape) else None)
+    if lo_a.ndim == 1 and not len(shape):
+        raise QuantizationInputError("a 0-d tensor has no channel axis: give it a per-tensor (scalar) clip range")
     return lo_a, hi_a
 
 
@@ -99,7 +126,7 @@ def step_and_inverse(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndar
 def quantize(x: np.ndarray, lo, hi, bits: int) -> np.ndarray:
     """Integer codes of ``x`` (reference implementation; see the module docstring)."""
     x = np.asarray(x, dtype=np.float32)
-    lo_a, hi_a = as_range(lo, hi, x.shape[-1] if x.ndim else None)
+    lo_a, hi_a = range_for_shape(x.shape, lo, hi)
     _, inverse = step_and_inverse(lo_a, hi_a, bits)
     v = (np.minimum(np.maximum(x, lo_a), hi_a) - lo_a) * inverse
     q = np.floor(v + np.float32(0.5))
@@ -111,6 +138,6 @@ def quantize(x: np.ndarray, lo, hi, bits: int) -> np.ndarray:
 def dequantize(codes: np.ndarray, lo, hi, bits: int) -> np.ndarray:
     """Float32 reconstruction ``q * s + lo`` of integer codes (reference implementation)."""
     codes = np.asarray(codes)
-    lo_a, hi_a = as_range(lo, hi, codes.shape[-1] if codes.ndim else None)
+    lo_a, hi_a = range_for_shape(codes.shape, lo, hi)
     step, _ = step_and_inverse(lo_a, hi_a, bits)
     return (codes.astype(np.float32) * step + lo_a).astype(np.float32)
