@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["TensorSpec", "Engine"]
+from quantpipe.errors import ArtifactMismatchError
+
+__all__ = ["TensorSpec", "Engine", "check_input"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,19 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (GPU memory, sessions)."""
+
+
+def check_input(spec: TensorSpec, x: np.ndarray) -> None:
+    """Refuse a batch whose rank or static dimensions differ from an engine's input.
+
+    Raises:
+        ArtifactMismatchError: with both shapes in the message; such a tensor usually comes from a stage
+            of another model or split.
+    """
+    ok = x.ndim == len(spec.shape) and all(s is None or s == d for s, d in zip(spec.shape, x.shape))
+    if not ok:
+        want = "[" + ", ".join("B" if s is None else str(s) for s in spec.shape) + "]"
+        raise ArtifactMismatchError(
+            f"input of shape {list(x.shape)} does not fit {spec.name} {want}; the tensor probably comes from a "
+            "stage of another model or split, so export all stages together"
+        )

@@ -1,0 +1,263 @@
+"""Cut a timm ViT into verified per-stage ONNX graphs (and engines) for a QuantPipe pipeline.
+
+``quantpipe export --model deit_tiny_patch16_224 --checkpoint W.safetensors --split 4,8 --out DIR``
+writes ``DIR/stage0.onnx ... stageN.onnx`` and ``DIR/manifest.json`` (read it with
+:func:`quantpipe.manifest.load_manifest`). Verification against the torch model is on by default and a
+result beyond tolerance is an error; the manifest is written only after the graphs pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from quantpipe.errors import ConfigError, MissingDependencyError
+
+__all__ = ["add_arguments", "run", "parse_batch"]
+
+log = logging.getLogger("quantpipe.export")
+
+
+def parse_batch(text: str) -> tuple[int, int, int]:
+    """``"1:8:32"`` -> ``(1, 8, 32)``, the TensorRT optimization profile's batch range (min <= opt <= max)."""
+    try:
+        lo, opt, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--batch {text!r} must be MIN:OPT:MAX, e.g. 1:8:32") from None
+    if not 1 <= lo <= opt <= hi:
+        raise ConfigError(f"--batch {text!r} needs 1 <= MIN <= OPT <= MAX")
+    return lo, opt, hi
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from quantpipe.export.onnx_export import DEFAULT_OPSET
+    from quantpipe.export.verify import DEFAULT_MIN_COSINE, DEFAULT_RTOL
+
+    parser.add_argument("--model", required=True, help="timm model name (vit_*, deit_*, test_vit)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights from the Hugging Face hub")
+    weights.add_argument("--checkpoint", type=Path, metavar="FILE", help=".safetensors or .pth state dict (strict load)")
+    parser.add_argument("--split", required=True, help="block indices where a new stage starts, e.g. 4,8")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="export directory")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--batch", default="1:8:32", metavar="MIN:OPT:MAX", help="batch range of engines (default 1:8:32)")
+    parser.add_argument("--fp16", action="store_true", help="build TensorRT engines in fp16 (with --engine tensorrt)")
+    parser.add_argument("--engine", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                        help="engine to prepare for the stages (default onnxruntime)")
+    group = parser.add_argument_group("verification")
+    group.add_argument("--verify-data", type=Path, metavar="DIR", help="ImageFolder of real images (default: random input)")
+    group.add_argument("--verify-samples", type=int, default=None, metavar="N",
+                       help="samples to verify on (default 64 images from --verify-data, else 8 random inputs; "
+                       "0 = every image)")
+    group.add_argument("--verify-batch", type=int, default=8, metavar="B", help="batch size while verifying")
+    group.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"max |onnx-torch| / max |torch| (default {DEFAULT_RTOL:g})")
+    group.add_argument("--min-cosine", type=float, default=DEFAULT_MIN_COSINE, help=f"min cosine similarity (default {DEFAULT_MIN_COSINE})")
+    group.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads while verifying")
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The canonical command that reproduces this export (stored in the manifest for error messages)."""
+    parts = ["quantpipe", "export", "--model", args.model]
+    if args.pretrained:
+        parts.append("--pretrained")
+    if args.checkpoint is not None:
+        parts += ["--checkpoint", str(Path(args.checkpoint).resolve())]
+    parts += ["--split", args.split, "--out", str(Path(args.out).resolve()), "--opset", str(args.opset)]
+    if args.engine != "onnxruntime":
+        parts += ["--engine", args.engine, "--batch", args.batch] + (["--fp16"] if args.fp16 else [])
+    if args.verify_data is not None:
+        parts += ["--verify-data", str(Path(args.verify_data).resolve())]
+    return shlex.join(parts)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import timm
+    import torch
+
+    import quantpipe
+
+    return {
+        "quantpipe": quantpipe.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": onnxscript.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
+def _remove_stale(out: Path, num_stages: int) -> None:
+    # A previous export with more stages (or the manifest of one) must not be mistaken for this one.
+    (out / "manifest.json").unlink(missing_ok=True)
+    for path in out.glob("stage*.onnx*"):
+        m = re.fullmatch(r"stage(\d+)\.onnx(\.data)?", path.name)
+        if m and int(m.group(1)) >= num_stages:
+            path.unlink()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from quantpipe.engines import tensorrt_available
+    from quantpipe.export.data import image_inputs, random_inputs
+    from quantpipe.export.model import create_model, data_config_of, weights_source
+    from quantpipe.export.onnx_export import export_stage
+    from quantpipe.export.split import build_stages, parse_split, stage_io_names
+    from quantpipe.export.verify import check_graphs, verify_stages
+    from quantpipe.manifest import BoundaryInfo, StageInfo, StageManifest, TensorInfo, sha256_file
+
+    batch = parse_batch(args.batch)
+    # onnx_ir logs every graph rewrite at INFO; that is exporter detail, not export progress.
+    logging.getLogger("onnx_ir").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.fp16 and args.engine != "tensorrt":
+        raise ConfigError("--fp16 applies to TensorRT engines; add --engine tensorrt (the ONNX graphs stay float32)")
+    if args.engine == "tensorrt" and not tensorrt_available():
+        raise MissingDependencyError(
+            "--engine tensorrt needs TensorRT's Python package, which is not installed: pip install "
+            "'quantpipe[tensorrt]' (tensorrt>=8.6 and polygraphy) on a machine with an NVIDIA GPU and driver, or use "
+            "--engine onnxruntime"
+        )
+    if (args.verify_samples is not None and args.verify_samples < 0) or args.verify_batch < 1:
+        raise ConfigError("--verify-samples must be >= 0 and --verify-batch >= 1")
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    model = create_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    num_blocks = len(model.blocks)
+    cuts = parse_split(args.split, num_blocks)
+    stages = build_stages(model, cuts)
+    data_config = data_config_of(model)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out, len(stages))
+    timings["load_model"] = time.perf_counter() - started
+    log.info("%s: %d blocks, split %s -> %d stages, input %s", args.model, num_blocks, cuts, len(stages), data_config["input_size"])
+
+    steps = len(stages) + 1 + (0 if args.no_verify else 1) + (len(stages) if args.engine == "tensorrt" else 0)
+    bar = tqdm(total=steps, desc="export", unit="step", disable=None, file=sys.stderr)
+    t0 = time.perf_counter()
+    example = torch.randn(2, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    graphs = []
+    bounds = [0, *cuts, num_blocks]
+    for k, stage in enumerate(stages):
+        bar.set_postfix_str(f"stage {k} to ONNX")
+        name_in, name_out = stage_io_names(k, len(stages))
+        graphs.append(export_stage(stage, example, out / f"stage{k}.onnx", name_in, name_out, opset=args.opset))
+        with torch.no_grad():
+            example = stage(example)  # the next stage's example input is this stage's real output
+        log.info("stage %d (blocks %d-%d): %s %s -> %s %s", k, bounds[k], bounds[k + 1] - 1,
+                 name_in, list(graphs[-1].input_shape), name_out, list(graphs[-1].output_shape))
+        bar.update()
+    timings["export_onnx"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    bar.set_postfix_str("onnx.checker")
+    check_graphs([g.path for g in graphs])
+    bar.update()
+    timings["check"] = time.perf_counter() - t0
+
+    verification: dict[str, Any] | None = None
+    if not args.no_verify:
+        t0 = time.perf_counter()
+        bar.set_postfix_str("verify in onnxruntime")
+        if args.verify_data is not None:
+            limit = 64 if args.verify_samples is None else (args.verify_samples or None)
+            inputs = image_inputs(args.verify_data, data_config, limit)
+        else:
+            inputs = random_inputs(data_config["input_size"], args.verify_samples or 8)
+        report = verify_stages(model, stages, [g.path for g in graphs], inputs, batch_size=args.verify_batch,
+                               rtol=args.rtol, min_cosine=args.min_cosine, threads=args.threads)
+        bar.update()
+        timings["verify"] = time.perf_counter() - t0
+        bar.close()
+        for line in report.lines():
+            print(line)
+        report.raise_if_failed()
+        verification = report.to_dict()
+
+    stage_infos = []
+    for k, g in enumerate(graphs):
+        stage_infos.append(
+            StageInfo(
+                index=k,
+                file=g.path.name,
+                sha256=sha256_file(g.path),
+                input=TensorInfo(g.input_name, g.input_shape),
+                output=TensorInfo(g.output_name, g.output_shape),
+                blocks=(bounds[k], bounds[k + 1]),
+                data_file=g.data_path.name if g.data_path else None,
+                data_sha256=sha256_file(g.data_path) if g.data_path else None,
+            )
+        )
+    manifest = StageManifest(
+        model=args.model,
+        split=cuts,
+        num_blocks=num_blocks,
+        stages=stage_infos,
+        boundaries=[BoundaryInfo(k, g.output_shape) for k, g in enumerate(graphs[:-1])],
+        data_config=data_config,
+        num_classes=int(model.num_classes),
+        versions=_versions(),
+        provenance={
+            "weights": weights_source(args.pretrained, args.checkpoint),
+            "opset": args.opset,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "command": _command_line(args),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "verification": verification,
+        },
+        directory=out,
+    )
+    if args.engine == "tensorrt":
+        from quantpipe.engines.tensorrt import build_stage_engines
+
+        t0 = time.perf_counter()
+        manifest.engines["tensorrt"] = build_stage_engines(
+            [manifest.stage_path(k) for k in range(len(stages))], out / "engines", batch=batch, fp16=args.fp16,
+            progress=bar.update,
+        )
+        timings["build_engines"] = time.perf_counter() - t0
+    else:
+        manifest.engines["onnxruntime"] = _onnxruntime_entry(manifest, args.threads)
+    bar.close()
+    timings["total"] = time.perf_counter() - started
+    manifest.provenance["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    path = manifest.write(out)
+    print(f"wrote {len(stages)} stages and {path} in {timings['total']:.1f} s "
+          f"(model {timings['load_model']:.1f} s, ONNX export {timings['export_onnx']:.1f} s"
+          + (f", verify {timings['verify']:.1f} s" if "verify" in timings else "") + ")")
+    for s in stage_infos:
+        size = (out / s.file).stat().st_size / 2**20
+        print(f"  {s.file}: blocks {s.blocks[0]}-{s.blocks[1] - 1}  {s.input.name} {list(s.input.shape)} -> "
+              f"{s.output.name} {list(s.output.shape)}  {size:.1f} MiB  sha256 {s.sha256[:12]}")
+    return 0
+
+
+def _onnxruntime_entry(manifest: Any, threads: int | None) -> dict[str, Any]:
+    """Load each stage with the default provider order, so the manifest records what a device here would use."""
+    import onnxruntime
+
+    from quantpipe.engines import load_engine
+
+    providers: list[str] = []
+    for k in range(manifest.num_stages):
+        engine = load_engine(manifest.stage_path(k), backend="onnxruntime", threads=threads)
+        providers = engine.providers
+        engine.close()
+    return {"version": onnxruntime.__version__, "available_providers": onnxruntime.get_available_providers(),
+            "providers": providers}
