@@ -1,0 +1,451 @@
+"""Links between pipeline processes: acknowledged, credit-limited, heartbeated ZeroMQ DEALER -> ROUTER.
+
+Every hop of the pipeline (source -> stage 0 -> ... -> stage K -> sink) is one link. The downstream
+side binds a ROUTER socket (:class:`LinkReceiver`), the upstream side connects a DEALER
+(:class:`LinkSender`). Why this pair and not PUSH/PULL or REQ/REP:
+
+* **One socket carries both directions.** Data flows down, acks and heartbeats flow back up on the same
+  connection, so there is no second address to configure, firewall or keep consistent, and a
+  heartbeat proves exactly the connection the data uses (the ZeroMQ Guide's advice: heartbeat on the
+  data socket). PUSH/PULL would need a second return socket.
+* **No lock-step.** REQ/REP allows one message in flight; DEALER/ROUTER lets the sender keep a window
+  of microbatches in flight, which a high-latency link needs to stay busy.
+* **Peers are addressable.** The ROUTER learns each sender's routing id from its messages and can ack
+  or heartbeat it at any time, even while the stage is blocked on its own downstream. That lets a
+  busy-but-alive stage be told apart from a dead one.
+* **Reconnects are free.** A DEALER reconnects by itself when the downstream process is restarted;
+  what the dead process had not acknowledged is still in the sender's window and is resent.
+
+The protocol on a link (all headers are :mod:`quantpipe.wire` headers, validated before use):
+
+* ``DATA [header, payload(, crc), trace]`` and ``ERROR [header, body, trace]`` flow downstream; both
+  carry the microbatch's sequence number ``seq``, which is the same on every hop.
+* ``ACK [header]`` (``seq`` = the accepted microbatch, ``first_id`` = the receiver's incarnation) is
+  sent after the receiver has validated the frame and taken it into its data path. It frees one
+  **credit**: a sender never has more than ``window`` microbatches unacknowledged, which bounds the
+  memory of every hop however slow the link or the next stage is. The same acks drive the **bandwidth
+  measurement** (:mod:`quantpipe.runtime.bandwidth`: acknowledged bytes over busy time).
+* ``HEARTBEAT [header]`` (``first_id`` = the sender's incarnation, a random number per process) goes
+  both ways when a side has sent nothing to its peer for ``heartbeat_interval_s``. A peer silent for
+  ``peer_timeout_s`` is considered dead.
+* **Resend + dedup.** Unacked microbatches are resent at once when the receiver's incarnation changes
+  (it was restarted: whatever it held is gone), and after ``resend_timeout_s`` with capped exponential
+  backoff while the peer is silent. Resends to a live peer would only duplicate data on a slow link, so
+  they wait for the long ``resend_backoff_max_s``. The receiver drops duplicates by ``seq`` (and acks
+  them again, so the sender stops resending).
+* Every received message must fit ``max_message`` bytes per frame (``zmq.MAXMSGSIZE``: an oversized
+  peer is disconnected by libzmq before Python sees the bytes); anything malformed is counted by
+  :attr:`~quantpipe.errors.FrameError.kind` and dropped, and the daemon keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+
+from quantpipe import wire
+from quantpipe.errors import FrameError
+from quantpipe.runtime.bandwidth import BandwidthEstimator, WindowStats
+from quantpipe.runtime.shaping import TokenBucket
+
+__all__ = ["LinkOptions", "LinkSender", "LinkReceiver", "Message"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """Reliability and flow-control settings of a link (units in the names)."""
+
+    window: int = 4
+    resend_timeout_s: float = 1.0
+    resend_backoff_max_s: float = 30.0
+    heartbeat_interval_s: float = 0.5
+    peer_timeout_s: float = 3.0
+    max_message_bytes: int = 256 * 1024 * 1024
+
+
+def _incarnation() -> int:
+    return int.from_bytes(os.urandom(8), "little") | 1  # never 0, which means "unknown"
+
+
+@dataclass
+class _Pending:
+    seq: int
+    frames: list
+    nbytes: int
+    images: int
+    bits: int
+    fp32_bytes: int
+    measured: bool
+    attempts: int = 0
+    next_resend: float = 0.0
+    on_wire: bool = False
+
+
+class LinkSender:
+    """The upstream end of a link: a DEALER with a credit window, resends and heartbeats.
+
+    Args:
+        ctx: the process's ZeroMQ context.
+        address: the downstream ROUTER's endpoint, e.g. ``tcp://10.0.1.2:5500``.
+        options: window and timers.
+        stage: this process's stage index (the source is :data:`wire.SOURCE_STAGE`).
+        policy_window: acknowledged microbatches per bandwidth window.
+        shaper: optional emulated link (token bucket); None sends at the network's own speed.
+        clock: monotonic seconds (injectable for tests).
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, options: LinkOptions, *, stage: int,
+                 policy_window: int = 10, shaper: TokenBucket | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.address = address
+        self.options = options
+        self.stage = stage
+        self.shaper = shaper
+        self.clock = clock
+        self.incarnation = _incarnation()
+        self.estimator = BandwidthEstimator(policy_window)
+        self.peer_incarnation = 0
+        self.resends = 0
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # IMMEDIATE: never queue into a pipe with no live connection; our own window is the buffer.
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.SNDHWM, options.window + 8)
+        self.sock.setsockopt(zmq.RCVHWM, 4 * options.window + 64)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # only small control messages come back
+        self.sock.connect(address)
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        now = clock()
+        self._last_heard = -1e18
+        self._last_sent = now - options.heartbeat_interval_s
+        self._windows: list[WindowStats] = []
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Microbatches sent (or queued to send) and not acknowledged."""
+        return len(self._pending)
+
+    def has_credit(self) -> bool:
+        return len(self._pending) < self.options.window
+
+    def peer_alive(self) -> bool:
+        return self.clock() - self._last_heard < self.options.peer_timeout_s
+
+    def take_windows(self) -> list[WindowStats]:
+        """Bandwidth windows closed since the last call."""
+        out, self._windows = self._windows, []
+        return out
+
+    # -- sending -------------------------------------------------------------------------------
+    def send(self, frames: list, *, seq: int, images: int, bits: int = 32, fp32_bytes: int = 0,
+             measured: bool = True) -> None:
+        """Queue one microbatch (frames already include the trace) and put it on the link if possible.
+
+        The caller must hold a credit (:meth:`has_credit`, or :meth:`wait_credit`).
+        """
+        if not self.has_credit():
+            raise RuntimeError("send without a credit: call wait_credit() first")
+        if seq in self._pending:
+            raise RuntimeError(f"microbatch {seq} is already in flight on this link")
+        nbytes = sum(len(memoryview(f).cast("B")) if not isinstance(f, bytes) else len(f) for f in frames)
+        p = _Pending(seq, frames, nbytes, images, bits, fp32_bytes, measured)
+        self._pending[seq] = p
+        if measured:
+            self.estimator.on_send(self.clock())
+        self._transmit_queued()
+
+    def _transmit(self, p: _Pending, now: float) -> bool:
+        if self.shaper is not None and not self.shaper.take(p.nbytes, now):
+            return False
+        try:
+            self.sock.send_multipart(p.frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if self.shaper is not None:
+                self.shaper.refund(p.nbytes)
+            return False  # no connection yet (IMMEDIATE) or peer's queue full: stays pending
+        p.on_wire = True
+        p.attempts += 1
+        backoff = min(self.options.resend_timeout_s * 2 ** (p.attempts - 1), self.options.resend_backoff_max_s)
+        p.next_resend = now + backoff
+        self._last_sent = now
+        return True
+
+    def _transmit_queued(self) -> None:
+        now = self.clock()
+        for p in self._pending.values():
+            if not p.on_wire and not self._transmit(p, now):
+                break  # keep order: later frames wait for the earlier ones
+
+    def _resend_due(self, now: float) -> None:
+        silent = not self.peer_alive()
+        for p in self._pending.values():
+            if not p.on_wire or now < p.next_resend:
+                continue
+            # A live peer that has not acked is busy (backpressure): resending would only duplicate.
+            if silent or now - p.next_resend > self.options.resend_backoff_max_s:
+                if self._transmit(p, now):
+                    self.resends += 1
+
+    def _resend_all(self) -> None:
+        for p in self._pending.values():
+            p.on_wire = False
+        self.resends += len(self._pending)
+        self._transmit_queued()
+
+    # -- receiving control ---------------------------------------------------------------------
+    def _handle(self, frames: list) -> None:
+        try:
+            header, _ = wire.decode_control(frames)
+        except FrameError as exc:
+            log.warning("link %s: dropped a malformed control message (%s)", self.address, exc.kind)
+            return
+        now = self.clock()
+        self._last_heard = now
+        restarted = self.peer_incarnation not in (0, header.first_id)
+        self.peer_incarnation = header.first_id
+        if restarted:
+            log.warning("link %s: downstream restarted; resending %d unacknowledged microbatch(es)",
+                        self.address, len(self._pending))
+            self._resend_all()
+        if header.msg_type == wire.MsgType.ACK:
+            p = self._pending.pop(header.seq, None)
+            if p is not None and p.measured:
+                stats = self.estimator.on_ack(now, p.nbytes, p.images, p.bits, p.fp32_bytes)
+                if stats is not None:
+                    self._windows.append(stats)
+
+    def pump(self, timeout_s: float = 0.0) -> None:
+        """Handle acks/heartbeats for up to ``timeout_s``, put queued frames on the link, resend, heartbeat."""
+        deadline = self.clock() + timeout_s
+        while True:
+            wait_ms = max(0, int((deadline - self.clock()) * 1000))
+            if self.shaper is not None and any(not p.on_wire for p in self._pending.values()):
+                wait_ms = min(wait_ms, 2)  # the token bucket refills with time, not with events
+            if self.sock.poll(wait_ms, zmq.POLLIN):
+                while True:
+                    try:
+                        self._handle(self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
+                    except zmq.Again:
+                        break
+            now = self.clock()
+            self._transmit_queued()
+            self._resend_due(now)
+            if now - self._last_sent >= self.options.heartbeat_interval_s:
+                self._heartbeat(now)
+            if now >= deadline:
+                return
+
+    def _heartbeat(self, now: float) -> None:
+        try:
+            self.sock.send_multipart(wire.encode_control(wire.MsgType.HEARTBEAT, stage=self.stage,
+                                                         first_id=self.incarnation), flags=zmq.NOBLOCK)
+            self._last_sent = now
+        except zmq.Again:
+            pass  # not connected yet: nothing to tell
+
+    def wait_credit(self, should_stop: Callable[[], bool] = lambda: False, idle: Callable[[], None] = lambda: None,
+                    tick_s: float = 0.05) -> bool:
+        """Block until a credit is free. Returns False if ``should_stop()`` became true first.
+
+        ``idle`` runs every tick while waiting (the daemon heartbeats its own upstream there).
+        """
+        while not self.has_credit():
+            if should_stop():
+                return False
+            self.pump(tick_s)
+            idle()
+        return True
+
+    def drain(self, timeout_s: float, idle: Callable[[], None] = lambda: None) -> bool:
+        """Wait until everything sent is acknowledged (or ``timeout_s``). True if drained."""
+        deadline = self.clock() + timeout_s
+        while self._pending and self.clock() < deadline:
+            self.pump(0.05)
+            idle()
+        return not self._pending
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@dataclass
+class Message:
+    """A data or error message the receiver validated at header level, not yet accepted."""
+
+    peer: bytes
+    header: wire.FrameHeader
+    frames: list  # the data message as decode_frame expects it (no identity, no trace)
+    t_origin: float
+    nbytes: int = 0
+    body: bytes = b""
+    received_at: float = field(default=0.0)
+
+
+class _SeenSeqs:
+    """Which sequence numbers were accepted: a watermark plus the accepted ones above it (bounded)."""
+
+    def __init__(self, horizon: int) -> None:
+        self.low = 0
+        self.above: set[int] = set()
+        self.horizon = horizon
+
+    def __contains__(self, seq: int) -> bool:
+        return seq < self.low or seq in self.above
+
+    def add(self, seq: int) -> None:
+        self.above.add(seq)
+        while self.low in self.above:
+            self.above.discard(self.low)
+            self.low += 1
+        if len(self.above) > self.horizon:
+            # A gap that never filled (lost upstream of a restart): give up on it to stay bounded.
+            self.low = min(self.above)
+            self.add(self.low)
+
+
+class LinkReceiver:
+    """The downstream end of a link: a ROUTER that validates, dedups, acks and heartbeats.
+
+    Args:
+        ctx: the process's ZeroMQ context.
+        address: the endpoint to bind, e.g. ``tcp://0.0.0.0:5500``.
+        options: timers and the maximum frame size.
+        stage: this process's stage index (the sink is -1, sent as 0xFFFE).
+        on_reject: called with a :class:`FrameError` kind for every dropped message (metrics).
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, options: LinkOptions, *, stage: int,
+                 on_reject: Callable[[str], None] = lambda kind: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.address = address
+        self.options = options
+        self.stage = stage & 0xFFFF
+        self.on_reject = on_reject
+        self.clock = clock
+        self.incarnation = _incarnation()
+        self.duplicates = 0
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes + wire.HEADER_SIZE)
+        self.sock.setsockopt(zmq.RCVHWM, 64)
+        self.sock.setsockopt(zmq.SNDHWM, 1024)
+        self.sock.bind(address)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._seen = _SeenSeqs(horizon=1 << 16)
+        self._peers: dict[bytes, list[float]] = {}  # routing id -> [last heard, last sent]
+        self._last_log = 0.0
+        self._suppressed = 0
+
+    def peer_alive(self) -> bool:
+        now = self.clock()
+        return any(now - heard < self.options.peer_timeout_s for heard, _ in self._peers.values())
+
+    def _reject(self, kind: str, detail: str) -> None:
+        self.on_reject(kind)
+        now = self.clock()
+        if now - self._last_log >= 5.0:  # rate-limited: a flood of garbage must not flood the log
+            extra = f" (+{self._suppressed} more since the last report)" if self._suppressed else ""
+            log.warning("link %s: dropped a message (%s): %s%s", self.address, kind, detail, extra)
+            self._last_log, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+
+    def _send(self, peer: bytes, frames: list) -> None:
+        try:
+            self.sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK)
+            self._peers.setdefault(peer, [self.clock(), 0.0])[1] = self.clock()
+        except zmq.ZMQError:
+            pass  # peer gone or its queue full: it will time out and resend
+
+    def receive(self, timeout_s: float) -> Message | None:
+        """The next valid, new data or error message, or None after ``timeout_s``.
+
+        Heartbeats are absorbed, duplicates are re-acked and dropped, malformed messages are counted.
+        """
+        deadline = self.clock() + timeout_s
+        while True:
+            self.service()
+            wait_ms = max(0, int((deadline - self.clock()) * 1000))
+            if not self.sock.poll(min(wait_ms, int(self.options.heartbeat_interval_s * 1000)), zmq.POLLIN):
+                if self.clock() >= deadline:
+                    return None
+                continue
+            parts = self.sock.recv_multipart(copy=False)
+            msg = self._classify(parts)
+            if msg is not None:
+                return msg
+
+    def _classify(self, parts: list) -> Message | None:
+        peer, frames = parts[0].bytes, parts[1:]
+        if not frames:
+            self._reject("malformed", "empty message")
+            return None
+        try:
+            header = wire.parse_header(frames[0].buffer, max_payload=self.options.max_message_bytes)
+        except FrameError as exc:
+            self._reject(exc.kind, str(exc))
+            return None
+        now = self.clock()
+        self._peers.setdefault(peer, [now, 0.0])[0] = now
+        if header.msg_type == wire.MsgType.HEARTBEAT:
+            return None
+        if header.msg_type == wire.MsgType.ACK:
+            self._reject("malformed", "an ack arrived on a receiving link")
+            return None
+        if len(frames) < 2:
+            self._reject("malformed", "data or error message without its trace frame")
+            return None
+        try:
+            t_origin = wire.parse_trace(frames[-1].buffer)
+        except FrameError as exc:
+            self._reject(exc.kind, str(exc))
+            return None
+        if header.seq in self._seen:
+            self.duplicates += 1
+            self._ack(peer, header.seq)
+            return None
+        body_frames = frames[:-1]
+        nbytes = sum(len(f) for f in frames)
+        if header.msg_type == wire.MsgType.ERROR:
+            try:
+                _, body = wire.decode_control([f.bytes for f in body_frames])
+            except FrameError as exc:
+                self._reject(exc.kind, str(exc))
+                return None
+            return Message(peer, header, body_frames, t_origin, nbytes, body=body, received_at=now)
+        return Message(peer, header, body_frames, t_origin, nbytes, received_at=now)
+
+    def accept(self, msg: Message) -> None:
+        """Take the message into the data path: ack it (frees the sender's credit) and remember its seq."""
+        self._seen.add(msg.header.seq)
+        self._ack(msg.peer, msg.header.seq)
+
+    def reject(self, msg: Message, exc: FrameError) -> None:
+        """Drop a message whose payload failed validation (not acked: a resend may arrive intact)."""
+        self._reject(exc.kind, f"microbatch {msg.header.seq}: {exc}")
+
+    def _ack(self, peer: bytes, seq: int) -> None:
+        self._send(peer, wire.encode_control(wire.MsgType.ACK, seq=seq, stage=self.stage, first_id=self.incarnation))
+
+    def service(self) -> None:
+        """Heartbeat peers we have not written to lately; forget peers silent for long."""
+        now = self.clock()
+        for peer, (heard, sent) in list(self._peers.items()):
+            if now - heard > 10 * self.options.peer_timeout_s:
+                del self._peers[peer]
+            elif now - sent >= self.options.heartbeat_interval_s:
+                self._send(peer, wire.encode_control(wire.MsgType.HEARTBEAT, stage=self.stage,
+                                                     first_id=self.incarnation))
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,171 @@
+"""The pipeline's source: reads images, batches them into numbered microbatches, feeds stage 0.
+
+Microbatch ``seq`` (0, 1, 2, ...) carries images ``first_id .. first_id + B - 1``; both numbers travel
+unchanged through every stage to the sink. The source offers ``rate`` images/s (default: the target
+rate) and never has more than ``credits`` microbatches unacknowledged, so a slow pipeline slows the
+source instead of filling memory. Stage 0's input is float32 and unquantized (only boundaries between
+stages are quantized).
+
+Input, in order of preference:
+
+* ``--images DIR``: an ImageFolder (``<wnid>/*.jpg``, labelled) or any folder of images, preprocessed
+  exactly like timm's eval transform for the exported model (:mod:`quantpipe.calib.data`, needs PIL).
+* an exported model without images: quantpipe's synthetic, image-like pictures, same preprocessing.
+* builtin engines: deterministic random tensors of ``pipeline.input_shape`` (a pool of 16, cycled).
+
+Images are cycled when ``count`` exceeds what the folder holds. One JSON line per image
+(``{"id", "label", "path"}``) goes to ``--labels`` so that results can be scored.
+
+Run by ``quantpipe run``; by hand: ``python -m quantpipe.runtime.source --config PIPELINE.toml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import zmq
+
+from quantpipe import wire
+from quantpipe.errors import QuantpipeError
+from quantpipe.runtime.config import PipelineConfig, load_config
+from quantpipe.runtime.link import LinkOptions, LinkSender
+
+__all__ = ["Source", "load_inputs", "main"]
+
+log = logging.getLogger(__name__)
+
+_POOL = 16
+_MAX_PRELOADED = 512  # decoded 3x224x224 images: 600 KB each
+
+
+@dataclass
+class Inputs:
+    """Decoded, preprocessed inputs that the source cycles through."""
+
+    images: np.ndarray  # float32 [N, ...] (per-image input of stage 0)
+    labels: list[int]
+    paths: list[str]
+
+
+def load_inputs(cfg: PipelineConfig, images: str = "") -> Inputs:
+    """Load what stage 0 consumes (see the module docstring for the order of preference)."""
+    images = images or cfg.source.images
+    if not images and not cfg.stages_dir:
+        shape = tuple(cfg.input_shape)
+        rng = np.random.default_rng(1234)
+        pool = rng.standard_normal((min(_POOL, cfg.source.count), *shape)).astype(np.float32)
+        return Inputs(pool, [-1] * len(pool), [f"random:{i}" for i in range(len(pool))])
+    from quantpipe.calib.data import Preprocess, iter_batches, open_dataset
+
+    data_config: dict[str, Any] = {}
+    if cfg.stages_dir:
+        from quantpipe.manifest import load_manifest
+
+        data_config = load_manifest(cfg.stages_dir, verify=False).data_config
+    n = min(cfg.source.count, _MAX_PRELOADED)
+    if images:
+        try:
+            dataset = open_dataset("imagenet", images, num_images=n)
+        except QuantpipeError:
+            dataset = open_dataset("folder", images, num_images=n)
+    else:
+        dataset = open_dataset("synthetic", num_images=min(n, 64))
+    batches = list(iter_batches(dataset, Preprocess.from_config(data_config), batch_size=32, workers=2))
+    if not batches:
+        raise QuantpipeError(f"no readable images in {images or 'the synthetic set'}")
+    ids = np.concatenate([b.ids for b in batches])
+    return Inputs(np.concatenate([b.images for b in batches]), [int(v) for v in np.concatenate([b.labels for b in batches])],
+                  [dataset.samples[i].path for i in ids])
+
+
+class Source:
+    """Streams ``count`` images to stage 0 in microbatches, paced and credit-limited.
+
+    Args:
+        cfg: the pipeline config (stage 0's address, microbatch, credits, count, rate).
+        inputs: what to send (from :func:`load_inputs`).
+        labels: optional JSON-lines file for ``{"id", "label", "path"}`` per image.
+        ctx: ZeroMQ context.
+    """
+
+    def __init__(self, cfg: PipelineConfig, inputs: Inputs, *, labels: str = "", ctx: zmq.Context | None = None) -> None:
+        self.cfg = cfg
+        self.inputs = inputs
+        self.labels = labels
+        self.ctx = ctx or zmq.Context()
+        self.link = LinkSender(self.ctx, cfg.stages[0].address, LinkOptions(window=cfg.credits),
+                               stage=wire.SOURCE_STAGE, policy_window=cfg.window)
+        self.stopping = False
+
+    def microbatches(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(seq, first_id, images) for the whole stream, cycling the inputs."""
+        n, mb = len(self.inputs.images), self.cfg.microbatch
+        for seq, first in enumerate(range(0, self.cfg.source.count, mb)):
+            ids = np.arange(first, min(first + mb, self.cfg.source.count)) % n
+            yield seq, first, np.ascontiguousarray(self.inputs.images[ids])
+
+    def write_labels(self) -> None:
+        if not self.labels:
+            return
+        n = len(self.inputs.images)
+        with open(self.labels, "w") as f:
+            for i in range(self.cfg.source.count):
+                f.write(json.dumps({"id": i, "label": self.inputs.labels[i % n], "path": self.inputs.paths[i % n]}) + "\n")
+
+    def serve(self, drain_timeout_s: float = 60.0) -> int:
+        """Send everything, then wait until stage 0 acknowledged it. Returns the exit code."""
+        self.write_labels()
+        period = self.cfg.microbatch / self.cfg.source_rate
+        start = time.monotonic()
+        sent = 0
+        for seq, first, x in self.microbatches():
+            # Pace to the offered rate; keep the link serviced (acks, heartbeats) while waiting.
+            while not self.stopping and time.monotonic() < start + seq * period:
+                self.link.pump(min(0.01, max(0.0, start + seq * period - time.monotonic())))
+            if self.stopping or not self.link.wait_credit(should_stop=lambda: self.stopping):
+                break
+            frames = wire.encode_frame(x, seq=seq, first_id=first, stage=wire.SOURCE_STAGE, bits=32)
+            self.link.send(frames + [wire.pack_trace(time.time())], seq=seq, images=len(x), bits=32,
+                           fp32_bytes=x.nbytes)
+            sent += len(x)
+            self.link.pump(0.0)
+        drained = self.link.drain(drain_timeout_s)
+        log.info("source: sent %d image(s) in %.1f s; %s", sent, time.monotonic() - start,
+                 "all acknowledged" if drained else f"{self.link.in_flight} microbatch(es) unacknowledged")
+        self.link.close()
+        return 0 if drained else 1
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quantpipe.runtime.source", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--images", default="", help="image folder (overrides source.images)")
+    parser.add_argument("--count", type=int, help="images to stream (overrides source.count)")
+    parser.add_argument("--rate", type=float, help="images/s offered (overrides source.rate)")
+    parser.add_argument("--labels", default="", help="write {id, label, path} JSON lines here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s source: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, {"source.count": args.count, "source.rate": args.rate})
+        source = Source(cfg, load_inputs(cfg, args.images), labels=args.labels)
+    except QuantpipeError as exc:
+        print(f"source: error: {exc}", file=sys.stderr)
+        return 1
+    signal.signal(signal.SIGTERM, source.stop)
+    signal.signal(signal.SIGINT, source.stop)
+    return source.serve()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

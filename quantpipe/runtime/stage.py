@@ -1,0 +1,301 @@
+"""``quantpipe stage``: the stage daemon, one per device.
+
+The data path (:meth:`StageDaemon.process`) reads top to bottom: receive a frame, decode it with the
+clip table, run the engine, choose the bitwidth, encode, send. Around it the daemon only keeps its two
+links alive (:mod:`quantpipe.runtime.link`: acks, credits, resends, heartbeats), closes a bandwidth
+window every N acknowledged microbatches and asks the policy for the next bitwidth
+(:mod:`quantpipe.runtime.policy`), applies an emulated bandwidth schedule if configured, and exports
+Prometheus metrics (:mod:`quantpipe.runtime.metrics`).
+
+Stage k's output is boundary k; it is quantized only when another stage follows (the last stage
+sends float32 logits to the sink). SIGTERM (or SIGINT) stops accepting input, sends what was accepted,
+waits for it to be acknowledged and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from quantpipe import wire
+from quantpipe.engines.base import Engine
+from quantpipe.errors import ConfigError, FrameError, QuantpipeError
+from quantpipe.quant import codec
+from quantpipe.runtime.builtin import make_builtin
+from quantpipe.runtime.config import BUILTIN_PREFIX, PipelineConfig, load_config
+from quantpipe.runtime.link import LinkOptions, LinkReceiver, LinkSender, Message
+from quantpipe.runtime.metrics import DaemonMetrics
+from quantpipe.runtime.policy import make_policy
+from quantpipe.runtime.shaping import MBIT, TokenBucket
+
+__all__ = ["StageDaemon", "load_stage_engine", "load_table", "add_arguments", "run"]
+
+log = logging.getLogger(__name__)
+
+
+def load_stage_engine(cfg: PipelineConfig, k: int) -> Engine:
+    """Stage ``k``'s engine: an exported graph via :func:`quantpipe.engines.load_engine`, or a builtin."""
+    spec = cfg.stages[k].engine
+    if spec.startswith(BUILTIN_PREFIX):
+        shape = tuple(cfg.input_shape)
+        if not shape and cfg.stages_dir:
+            from quantpipe.manifest import load_manifest
+
+            shape = tuple(load_manifest(cfg.stages_dir, verify=False).stages[0].input.shape[1:])
+        engine = make_builtin(cfg.stages[0].engine, shape) if cfg.stages[0].engine.startswith(BUILTIN_PREFIX) else None
+        for i in range(1, k + 1):  # builtin shapes chain: stage i takes what stage i-1 produced
+            prev = engine.output.shape[1:] if engine is not None else ()
+            engine = make_builtin(cfg.stages[i].engine, prev) if cfg.stages[i].engine.startswith(BUILTIN_PREFIX) else None
+        if engine is None:
+            raise ConfigError("a builtin stage after an exported stage needs the exported stage's shape; "
+                              "use builtin engines for every stage or none")
+        return engine
+    from quantpipe.engines import load_engine
+
+    return load_engine(spec, backend=cfg.backend, threads=cfg.threads)
+
+
+def load_table(cfg: PipelineConfig) -> Any:
+    """The clip table (checked against the manifest when both are configured), or None."""
+    if not cfg.clip_table:
+        return None
+    from quantpipe.quant.table import ClipTable
+
+    manifest = None
+    if cfg.stages_dir:
+        from quantpipe.manifest import load_manifest
+
+        manifest = load_manifest(cfg.stages_dir, verify=False)
+    return ClipTable.load(cfg.clip_table, manifest=manifest)
+
+
+class StageDaemon:
+    """One pipeline stage: inbound link, engine, policy, outbound link.
+
+    Args:
+        cfg: the resolved pipeline config.
+        k: this stage's index.
+        start_time: wall-clock start of the pipeline (the bandwidth schedule's t = 0).
+        events: optional JSON-lines file that receives one record per policy window.
+        ctx: ZeroMQ context (a new one by default).
+    """
+
+    def __init__(self, cfg: PipelineConfig, k: int, *, start_time: float | None = None, events: str = "",
+                 ctx: zmq.Context | None = None) -> None:
+        if not 0 <= k < len(cfg.stages):
+            raise ConfigError(f"--stage {k}: the config has stages 0..{len(cfg.stages) - 1}")
+        self.cfg, self.k = cfg, k
+        self.last = k == len(cfg.stages) - 1
+        self.start_time = time.time() if start_time is None else start_time
+        self.metrics = DaemonMetrics(str(k), cfg.stages[k].metrics_port)
+        self.engine = load_stage_engine(cfg, k)
+        self.table = load_table(cfg)
+        table_bits = tuple(self.table.bits) if self.table is not None else tuple(b for b in cfg.bits if b != 32)
+        self.method = self.table.method_index(cfg.method) if self.table is not None else 0
+        if self.last:
+            self.policy = make_policy("fixed", allowed=[32], target_rate=cfg.target_rate, fixed_bits=32)
+        else:
+            self.policy = make_policy(cfg.policy, allowed=cfg.allowed_bits(table_bits), target_rate=cfg.target_rate,
+                                      upgrade_margin=cfg.upgrade_margin, fixed_bits=cfg.fixed_bits)
+        self.bits = self.policy.initial()
+        self.fp32_per_image = 4 * int(np.prod(self.engine.output.shape[1:]))
+        self.ctx = ctx or zmq.Context()
+        opts = LinkOptions(window=cfg.credits)
+        self.schedule = cfg.schedule if (cfg.shaping == "emulate" and not self.last) else None
+        shaper = None
+        if self.schedule is not None:
+            shaper = TokenBucket(self.schedule.rate_at(0) * MBIT, cfg.burst_bytes, time.monotonic())
+        self.inbound = LinkReceiver(self.ctx, cfg.stages[k].address, opts, stage=k, on_reject=self.metrics.error)
+        self.outbound = LinkSender(self.ctx, cfg.downstream_address(k), opts, stage=k, policy_window=cfg.window,
+                                   shaper=shaper)
+        self.events = Path(events) if events else None
+        self.stopping = False
+        self._exported = (0, 0)
+        self.metrics.bits.set(self.bits)
+        if hasattr(codec, "warmup"):
+            codec.warmup()  # compile the fast kernel now, not on the first frame
+        log.info("stage %d: %s; in %s, out %s; bits %s (policy %s); config %s", k, self.engine.describe(),
+                 self.inbound.endpoint, cfg.downstream_address(k), self.bits, type(self.policy).__name__,
+                 json.dumps(cfg.to_dict(), sort_keys=True))
+
+    # ------------------------------------------------------------------------------ the data path
+    def process(self, msg: Message) -> None:
+        """Receive -> decode -> run the engine -> choose the bitwidth -> encode -> send."""
+        if msg.header.msg_type == wire.MsgType.ERROR:  # an upstream failure: pass the report on
+            self.inbound.accept(msg)
+            self._send(msg.frames + [wire.pack_trace(msg.t_origin)], msg.header.seq, msg.header.batch, 32, 0, False)
+            return
+        t0 = time.perf_counter()
+        try:
+            header, x = wire.decode_frame(msg.frames, table=self.table, max_payload=self.inbound.options.max_message_bytes)
+        except FrameError as exc:
+            self.inbound.reject(msg, exc)
+            return
+        t1 = time.perf_counter()
+        self.inbound.accept(msg)
+        self.metrics.images_in.inc(header.batch)
+        self.metrics.decode_seconds.observe(t1 - t0)
+        try:
+            y = self.engine.run(x)
+        except Exception as exc:  # a failed microbatch becomes an explicit error result, not a dead daemon
+            self._report_error(header, msg.t_origin, "engine", f"stage {self.k} engine failed: {exc}")
+            return
+        t2 = time.perf_counter()
+        self.metrics.stage_seconds.observe(t2 - t1)
+        bits = self.bits  # chosen by the policy at the last window close
+        try:
+            frames = self._encode(y, header, bits)
+        except (ValueError, QuantpipeError) as exc:  # e.g. NaN in the activations
+            self._report_error(header, msg.t_origin, "encode", f"stage {self.k} could not encode: {exc}")
+            return
+        self.metrics.encode_seconds.observe(time.perf_counter() - t2)
+        self._send(frames + [wire.pack_trace(msg.t_origin)], header.seq, header.batch, bits,
+                   self.fp32_per_image * header.batch, True)
+
+    def _encode(self, y: np.ndarray, header: wire.FrameHeader, bits: int) -> list:
+        common = dict(seq=header.seq, first_id=header.first_id, stage=self.k, bits=bits)
+        if bits == 32:
+            return wire.encode_frame(y, **common)
+        if self.table is not None:
+            return wire.encode_frame(y, table=self.table, boundary=self.k, method=self.method, **common)
+        # No clip table: per-microbatch min-max carried inline (the paper's naive PTQ).
+        return wire.encode_frame(y, inline_range=(float(y.min()), float(y.max())), **common)
+
+    def _send(self, frames: list, seq: int, images: int, bits: int, fp32_bytes: int, measured: bool) -> None:
+        # Blocking on credit is the backpressure: upstream stops getting acks and stops sending.
+        self.outbound.wait_credit(idle=self._idle)
+        self.outbound.send(frames, seq=seq, images=images, bits=bits, fp32_bytes=fp32_bytes, measured=measured)
+        if measured:
+            self.metrics.images_out.inc(images)
+            self.metrics.bytes_out.inc(sum(len(memoryview(f).cast("B")) for f in frames))
+        self._after_link_activity()
+
+    def _report_error(self, header: wire.FrameHeader, t_origin: float, kind: str, message: str) -> None:
+        self.metrics.error(kind)
+        log.error("microbatch %d (images %d..%d): %s", header.seq, header.first_id,
+                  header.first_id + header.batch - 1, message)
+        body = json.dumps({"kind": kind, "message": message, "stage": self.k}).encode()
+        frames = wire.encode_control(wire.MsgType.ERROR, seq=header.seq, stage=self.k, first_id=header.first_id,
+                                     count=header.batch, body=body)
+        self._send(frames + [wire.pack_trace(t_origin)], header.seq, header.batch, 32, 0, False)
+
+    # ------------------------------------------------------------------------------ housekeeping
+    def _idle(self) -> None:
+        self.inbound.service()  # keep heartbeating upstream while blocked: busy is not dead
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        if self.schedule is not None and self.outbound.shaper is not None:
+            rate = self.schedule.rate_at(time.time() - self.start_time) * MBIT
+            if rate != self.outbound.shaper.rate:
+                self.outbound.shaper.set_rate(rate, time.monotonic())
+
+    def _after_link_activity(self) -> None:
+        for stats in self.outbound.take_windows():
+            previous = self.bits
+            self.bits = self.policy.update(stats)
+            self.metrics.bits.set(self.bits)
+            self.metrics.bandwidth.set(stats.bandwidth)
+            record = {"t": time.time(), "stage": self.k, "bits": stats.bits, "next_bits": self.bits,
+                      "bandwidth_Bps": stats.bandwidth, "ratio": getattr(self.policy, "last_ratio", None),
+                      "images": stats.images, "bytes": stats.bytes, "busy_s": stats.busy_s,
+                      "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate}
+            if self.bits != previous:
+                log.info("stage %d: %d -> %d bits (link %.1f Mbit/s, %.1f img/s)", self.k, previous, self.bits,
+                         stats.bandwidth / MBIT, stats.output_rate)
+            if self.events is not None:
+                with self.events.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        self.metrics.queue_depth.set(self.outbound.in_flight)
+        self.metrics.peer_up.labels(str(self.k), "out").set(1 if self.outbound.peer_alive() else 0)
+        self.metrics.peer_up.labels(str(self.k), "in").set(1 if self.inbound.peer_alive() else 0)
+        # The links count on their own (they know no Prometheus); export the increments.
+        self.metrics.resends.inc(self.outbound.resends - self._exported[0])
+        self.metrics.duplicates.inc(self.inbound.duplicates - self._exported[1])
+        self._exported = (self.outbound.resends, self.inbound.duplicates)
+
+    def stop(self, *_: Any) -> None:
+        """Stop accepting input; :meth:`serve` then drains and returns."""
+        self.stopping = True
+
+    def serve(self, drain_timeout_s: float = 30.0) -> int:
+        """Run until :meth:`stop` (or SIGTERM), then drain the outbound link. Returns the exit code."""
+        while not self.stopping:
+            msg = self.inbound.receive(timeout_s=0.05)
+            self.outbound.pump(0.0)
+            self._apply_schedule()
+            if msg is not None:
+                self.process(msg)
+            self._after_link_activity()
+        drained = self.outbound.drain(drain_timeout_s, idle=self.inbound.service)
+        log.info("stage %d: stopped (%s)", self.k, "drained" if drained else
+                 f"{self.outbound.in_flight} microbatch(es) unacknowledged after {drain_timeout_s:g} s")
+        self.close()
+        return 0 if drained else 1
+
+    def close(self) -> None:
+        self.inbound.close()
+        self.outbound.close()
+        self.engine.close()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="pipeline TOML file (see quantpipe.runtime.config)")
+    parser.add_argument("--stage", type=int, required=True, help="index of the stage to run (0-based)")
+    add_overrides(parser)
+    parser.add_argument("--address", help="endpoint this stage's input binds (overrides the config)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port (0: none)")
+    parser.add_argument("--engine", help="stage graph or builtin:NAME (overrides the config)")
+    parser.add_argument("--start-time", type=float, help="wall-clock t=0 of the bandwidth schedule (unix seconds)")
+    parser.add_argument("--events", default="", help="append one JSON line per policy window to this file")
+
+
+def add_overrides(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by 'quantpipe stage' and 'quantpipe run' that override [pipeline] keys."""
+    g = parser.add_argument_group("pipeline overrides")
+    g.add_argument("--clip-table", dest="clip_table", help="clip table file")
+    g.add_argument("--method", help="clip-table method for quantized boundaries")
+    g.add_argument("--bits", dest="fixed_bits", type=int, help="fixed bitwidth (sets --policy fixed)")
+    g.add_argument("--policy", choices=["paper", "fixed"], help="bitwidth policy")
+    g.add_argument("--target-rate", dest="target_rate", type=float, help="target output rate, images/s")
+    g.add_argument("--window", type=int, help="policy window, microbatches")
+    g.add_argument("--microbatch", type=int, help="images per microbatch")
+    g.add_argument("--credits", type=int, help="unacknowledged microbatches per link")
+    g.add_argument("--bandwidth-schedule", dest="bandwidth_schedule", help="e.g. 0:500,20:50,40:250 (s:Mbit/s)")
+    g.add_argument("--shaping", choices=["none", "emulate", "netns"], help="how the schedule is applied")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("clip_table", "method", "fixed_bits", "policy", "target_rate", "window", "microbatch", "credits",
+            "bandwidth_schedule", "shaping")
+    out = {k: getattr(args, k, None) for k in keys}
+    if out["fixed_bits"] is not None and out["policy"] is None:
+        out["policy"] = "fixed"
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, overrides_from(args))
+    if not 0 <= args.stage < len(cfg.stages):
+        raise ConfigError(f"--stage {args.stage}: {args.config} has stages 0..{len(cfg.stages) - 1}")
+    changes = {k: v for k, v in (("address", args.address), ("metrics_port", args.metrics_port),
+                                 ("engine", args.engine)) if v is not None}
+    if changes:
+        import dataclasses
+
+        stages = list(cfg.stages)
+        stages[args.stage] = dataclasses.replace(stages[args.stage], **changes)
+        cfg = cfg.replace(stages=tuple(stages))
+    daemon = StageDaemon(cfg, args.stage, start_time=args.start_time, events=args.events)
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
+    return daemon.serve()
