@@ -421,8 +421,11 @@ class BinnedRows:
     """
 
     def __init__(self, counts, origin, width, minimum, maximum, mean):
-        self.counts = np.asarray(counts, dtype=np.float64)
-        k, nb = self.counts.shape
+        counts = np.asarray(counts, dtype=np.float64)
+        if counts.ndim != 2:
+            raise ValueError(f"BinnedRows needs counts of shape [rows, bins], got {counts.shape}")
+        k, nb = counts.shape
+        self.rows, self.bins = k, nb
         self.origin = np.broadcast_to(np.asarray(origin, dtype=np.float64), (k,))
         self.width = np.broadcast_to(np.asarray(width, dtype=np.float64), (k,))
         self.minimum = np.broadcast_to(np.asarray(minimum, dtype=np.float64), (k,))
@@ -431,15 +434,22 @@ class BinnedRows:
         if np.any(self.width <= 0) or np.any(self.maximum < self.minimum):
             raise ValueError("BinnedRows needs width > 0 and minimum <= maximum for every row")
         edges = self.origin[:, None] + np.arange(nb + 1) * self.width[:, None]
-        edges = np.clip(edges, self.minimum[:, None], self.maximum[:, None]) - self.mean[:, None]
-        self.left, self.right = edges[:, :-1], edges[:, 1:]
-        l, r, n = self.left, self.right, self.counts
-        zero = np.zeros((k, 1))
-        self._c0 = np.concatenate([zero, np.cumsum(n, axis=1)], axis=1)
-        self._c1 = np.concatenate([zero, np.cumsum(n * (l + r) / 2.0, axis=1)], axis=1)
-        self._c2 = np.concatenate([zero, np.cumsum(n * (l * l + l * r + r * r) / 3.0, axis=1)], axis=1)
-        # One gather of everything a threshold needs from its bin: the hot loop of the MSE search.
-        self._table = np.stack([l, r, n, self._c0[:, :-1], self._c1[:, :-1], self._c2[:, :-1]], axis=2)
+        np.clip(edges, self.minimum[:, None], self.maximum[:, None], out=edges)
+        edges -= self.mean[:, None]
+        l, r = edges[:, :-1], edges[:, 1:]
+        # One row of this table per bin holds everything a threshold needs from it (one gather in the
+        # hot loop of the MSE search): bounds, count, and the count/sum/sum of squares of all bins
+        # before it (exclusive prefix sums).
+        table = np.empty((k, nb, 6))
+        table[..., 0], table[..., 1], table[..., 2] = l, r, counts
+        self._ends = np.empty((k, 3))  # count, sum and sum of squares of the whole row
+        moments = (counts, counts * (l + r) / 2.0, counts * (l * l + l * r + r * r) / 3.0)
+        for i, m in enumerate(moments):
+            cs = np.cumsum(m, axis=1)
+            table[:, 0, 3 + i] = 0.0
+            table[:, 1:, 3 + i] = cs[:, :-1]
+            self._ends[:, i] = cs[:, -1]
+        self._table = table
 
     @classmethod
     def from_rows(cls, rows: np.ndarray, bins: int) -> "BinnedRows":
@@ -452,7 +462,7 @@ class BinnedRows:
     @property
     def total(self) -> np.ndarray:
         """``[K]`` number of values per row."""
-        return self._c0[:, -1]
+        return self._ends[:, 0]
 
     def partial(self, t: np.ndarray, rows: np.ndarray | slice = slice(None)):
         """Count, sum and sum of squares (about the mean) of the values below ``t``.
@@ -464,11 +474,11 @@ class BinnedRows:
         Returns:
             three ``[K', T]`` arrays.
         """
-        nb = self.counts.shape[1]
+        nb = self.bins
         origin = (self.origin[rows] - self.mean[rows])[:, None]
         j = np.floor((t - origin) / self.width[rows][:, None])
         j = np.clip(j, 0, nb - 1).astype(np.intp)
-        row_index = np.arange(self.counts.shape[0])[rows][:, None]
+        row_index = np.arange(self.rows)[rows][:, None]
         g = self._table[row_index, j]  # [K', T, 6]
         l, r, n, c0, c1, c2 = (g[..., i] for i in range(6))
         span = r - l
@@ -483,12 +493,12 @@ class BinnedRows:
 
     def mean_abs_dev(self) -> np.ndarray:
         """``[K]`` mean of ``|x - mean|`` (ACIQ's and DS-ACIQ's ``b0``)."""
-        _, p1, _ = self.partial(np.zeros((self.counts.shape[0], 1)))
-        return (self._c1[:, -1] - 2.0 * p1[:, 0]) / self.total
+        _, p1, _ = self.partial(np.zeros((self.rows, 1)))
+        return (self._ends[:, 1] - 2.0 * p1[:, 0]) / self.total
 
     def rebin(self, bins: int) -> np.ndarray:
         """``[K, bins]`` counts on equal bins over each row's exact ``[minimum, maximum]``."""
-        k = self.counts.shape[0]
+        k = self.rows
         frac = np.arange(bins + 1) / bins
         edges = (self.minimum - self.mean)[:, None] + (self.maximum - self.minimum)[:, None] * frac
         p0, _, _ = self.partial(edges)
@@ -518,7 +528,7 @@ class BinnedRows:
             kk, tt = lo.shape
             cuts = lo[..., None] + (np.arange(n_levels) + 0.5) * step[..., None]  # [K', T, L]
             p = [a.reshape(kk, tt, n_levels) for a in self.partial(cuts.reshape(kk, -1), rows)]
-            ends = (self._c0[rows, -1], self._c1[rows, -1], self._c2[rows, -1])
+            ends = (self._ends[rows, 0], self._ends[rows, 1], self._ends[rows, 2])
             cells = []
             for part, end in zip(p, ends):
                 full = np.concatenate([np.zeros((kk, tt, 1)), part, np.broadcast_to(end[:, None, None], (kk, tt, 1))], axis=2)
@@ -529,7 +539,7 @@ class BinnedRows:
             p0l, p1l, p2l = self.partial(lo, rows)
             p0h, p1h, p2h = self.partial(hi, rows)
             below = p2l - 2.0 * lo * p1l + lo * lo * p0l
-            s1, s2 = self._c1[rows, -1][:, None], self._c2[rows, -1][:, None]
+            s1, s2 = self._ends[rows, 1][:, None], self._ends[rows, 2][:, None]
             above = (s2 - p2h) - 2.0 * hi * (s1 - p1h) + hi * hi * (total - p0h)
             err = below + above + (p0h - p0l) * step * step / 12.0
         return np.maximum(err, 0.0) / total

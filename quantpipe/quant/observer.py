@@ -22,7 +22,9 @@ From these, :meth:`ranges` computes every method of :data:`quantpipe.quant.clipp
   splitting each fine bin's count uniformly over the coarse bins it overlaps. Only coarse edges that fall
   inside a fine bin are approximate, by at most one fine bin's count; with the default grid a coarse
   bin spans many fine bins for all but very offset channels;
-* ``mse_pc``: the MSE search of :func:`quantpipe.quant.clipping.mse_search` run on the fine histogram.
+* ``mse_pc``: the MSE search of :func:`quantpipe.quant.clipping.mse_search` run on the fine histogram,
+  coarsened to the raw path's :data:`~quantpipe.quant.clipping.MSE_HIST_BINS` bins (the search's cost
+  grows with the bins; its optimum is flat, so the MSE it reaches, not the range, is what matches).
 
 The per-tensor statistics (the paper's methods) come from the per-tensor histogram, not from merging
 channels, because the grids of different channels differ.
@@ -267,14 +269,21 @@ class BoundaryObserver:
 
     # ---------------------------------------------------------------------------------- solve
 
-    def _binned(self, rows: slice | None) -> BinnedRows:
-        """The fine histogram as piecewise-uniform rows: channels ``rows``, or the tensor if None."""
+    def _binned(self, rows: slice | None, max_bins: int | None = None) -> BinnedRows:
+        """The fine histogram as piecewise-uniform rows: channels ``rows``, or the tensor if None.
+
+        ``max_bins`` merges aligned groups of adjacent bins (a coarser grid of the same family) for
+        the MSE search, whose cost grows with the number of bins and which the raw-array path runs
+        at :data:`~quantpipe.quant.clipping.MSE_HIST_BINS` bins too.
+        """
         if rows is None:
-            half = np.ldexp(1.0, self._texp)
-            mean = np.array([self._mean.mean()])
-            return BinnedRows(self._thist, -half, 2.0 * half / self.tensor_bins, self._min.min(), self._max.max(), mean)
-        half = np.ldexp(1.0, self._exp[rows])
-        return BinnedRows(self._hist[rows], -half, 2.0 * half / self.bins, self._min[rows], self._max[rows], self._mean[rows])
+            hist, exp, mn, mx, mean = self._thist, self._texp, self._min.min(), self._max.max(), np.array([self._mean.mean()])
+        else:
+            hist, exp, mn, mx, mean = self._hist[rows], self._exp[rows], self._min[rows], self._max[rows], self._mean[rows]
+        if max_bins is not None and hist.shape[1] > max_bins:
+            hist = hist.reshape(hist.shape[0], max_bins, -1).sum(axis=2)
+        half = np.ldexp(1.0, exp)
+        return BinnedRows(hist, -half, 2.0 * half / hist.shape[1], mn, mx, mean)
 
     def _chunks(self):
         return [slice(s, min(self.channels, s + _CHUNK)) for s in range(0, self.channels, _CHUNK)]
@@ -340,7 +349,7 @@ class BoundaryObserver:
             key = ("mse", per_channel, bits)
             if key not in self._cache:
                 groups = self._chunks() if per_channel else [None]
-                parts = [clipping.mse_search(self._binned(s), bits) for s in groups]
+                parts = [clipping.mse_search(self._binned(s, clipping.MSE_HIST_BINS), bits) for s in groups]
                 self._cache[key] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
             lo, hi = self._cache[key]
         lo32, hi32 = np.asarray(lo).astype(np.float32), np.asarray(hi).astype(np.float32)
