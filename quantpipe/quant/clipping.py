@@ -16,8 +16,10 @@ arrays (over the last axis) for the per-channel ones. These are the ranges
   histograms (:class:`BinnedRows`, :func:`mse_search`) so that it takes seconds, not minutes.
 
 Design choice shared by ACIQ and DS-ACIQ: the analytical range ``mu +- a`` is intersected with the
-observed ``[min, max]``. Clipping beyond the data cannot remove any clipping error but always widens
-the step, so the intersected range is never worse on the data it was calibrated on.
+observed ``[min, max]``. On the calibration data, a range reaching beyond the extremes removes no
+clipping error but widens the step. Held-out data can exceed the calibration extremes, so this is a
+bet on enough calibration data: on DeiT-Tiny's boundaries (16 calibration images, per channel) it
+lowered the held-out MSE at 4 and 6 bits and raised it at 8 bits on one of the two boundaries.
 
 The ``*_range`` functions work on raw arrays; :class:`quantpipe.quant.observer.BoundaryObserver`
 computes the same ranges from streaming statistics through the histogram-level functions here
@@ -191,6 +193,8 @@ def _rows(x, per_channel: bool) -> np.ndarray:
             "check the model and the inputs that feed this boundary"
         )
     a = a.astype(np.float64, copy=False)
+    if np.abs(a).max() > np.finfo(np.float32).max:
+        raise CalibrationDataError("calibration tensor holds values beyond float32's range; boundary tensors are float32")
     return a.reshape(-1, a.shape[-1]) if per_channel else a.reshape(-1, 1)
 
 
@@ -308,10 +312,11 @@ def ds_aciq_fit_hist(h: np.ndarray, dist: np.ndarray, mean: np.ndarray, b0: np.n
     """DS-ACIQ's directed search on given histograms (algorithms.md section 5, steps 3-6).
 
     Args:
-        h: ``[K, bins]`` histograms normalised to sum 1 (rows of zeros mark constant rows).
+        h: ``[K, bins]`` histograms normalised to sum 1.
         dist: ``[K, bins]`` absolute distance of each bin centre from the row's mean.
         mean: ``[K]`` row means (carried into the result).
-        b0: ``[K]`` starting scales (mean absolute deviation about the mean).
+        b0: ``[K]`` starting scales (mean absolute deviation about the mean); 0 marks a constant row,
+            which is skipped.
         chunk: rows evaluated together (bounds memory at ``chunk * 101 * bins`` floats).
 
     Returns:

@@ -132,7 +132,8 @@ class BoundaryObserver:
         return int(sum(a.nbytes for a in arrays))
 
     def update(self, x) -> None:
-        """Add a batch ``x`` of shape ``[..., C]`` (float32; e.g. ``[B, 197, C]``). Empty batches are no-ops.
+        """Add a batch ``x`` of shape ``[..., C]`` (e.g. ``[B, 197, C]``; other float dtypes are cast to
+        float32, the boundary's wire type). Empty batches are no-ops.
 
         Raises:
             ValueError: the last axis is not ``C`` or ``x`` is not floating point.
@@ -145,12 +146,13 @@ class BoundaryObserver:
             raise ValueError(f"observer for {self.channels} channels got a tensor of shape {a.shape}; the last axis must be the channels")
         if a.size == 0:
             return
-        if not np.isfinite(a).all():
-            raise CalibrationDataError(
-                f"boundary batch holds {int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} inf value(s): "
-                "the model produced non-finite activations; check the inputs and the stage"
-            )
+        # float32 is what crosses the boundary; casting first also catches float64 values beyond its range
         rows = np.ascontiguousarray(a.reshape(-1, self.channels), dtype=np.float32)
+        if not np.isfinite(rows).all():
+            raise CalibrationDataError(
+                f"boundary batch holds {int(np.isnan(rows).sum())} NaN and {int(np.isinf(rows).sum())} inf value(s) "
+                "(as float32): the model produced non-finite activations; check the inputs and the stage"
+            )
         n = rows.shape[0]
         if self._count + n > np.iinfo(self._hist.dtype).max:
             self._hist = self._hist.astype(np.int64)  # keep counts exact past 2**31 values per channel

@@ -246,6 +246,8 @@ def test_non_finite_or_empty_input_raises(method):
         clip_range(x, method, 4)
     with pytest.raises(CalibrationDataError, match="empty"):
         clip_range(np.zeros((0, 4), np.float32), method, 4)
+    with pytest.raises(CalibrationDataError, match="float32"):
+        clip_range(np.full((3, 4), 1e300), method, 4)
 
 
 def test_calibration_data_error_is_user_facing():

@@ -153,6 +153,8 @@ def test_bad_input_is_refused():
     bad[1, 2] = np.nan
     with pytest.raises(CalibrationDataError, match="NaN"):
         obs.update(bad)
+    with pytest.raises(CalibrationDataError, match="float32"):
+        obs.update(np.full((2, 4), 1e300))
     assert obs.count == 0  # a refused batch leaves no trace
     obs.update(np.zeros((0, 4), np.float32))
     assert obs.count == 0
