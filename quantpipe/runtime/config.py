@@ -1,5 +1,8 @@
 """The pipeline configuration: one TOML file that every process of a pipeline reads; flags override it.
 
+(A ``.json`` file of the same layout is read too: ``quantpipe run`` writes the resolved config as
+``config.json`` and hands it to every process it starts, so they all run with the same values.)
+
 Example (all keys, with their defaults where they have one)::
 
     [pipeline]
@@ -179,6 +182,12 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def to_document(self) -> dict[str, Any]:
+        """The resolved config in the file's own layout (``[pipeline]``, ``[source]``, ``[sink]``,
+        ``[[stages]]``); :func:`load_config` reads it back from a ``.json`` file."""
+        d = self.to_dict()
+        return {"stages": d.pop("stages"), "source": d.pop("source"), "sink": d.pop("sink"), "pipeline": d}
+
     def replace(self, **changes: Any) -> PipelineConfig:
         return dataclasses.replace(self, **changes)
 
@@ -210,10 +219,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     """
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text())
+        text = path.read_text()
+        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     base = path.resolve().parent
     unknown = set(doc) - {"pipeline", "source", "sink", "stages"}
@@ -249,8 +259,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
                 top[key] = tuple(int(v) for v in top[key])
         if "images" in source:
             source["images"] = _resolve(base, str(source["images"]))
-        if "output" in sink:
-            sink["output"] = _resolve(base, str(sink["output"]))
+        sink["output"] = _resolve(base, str(sink.get("output", SinkConfig.output)))
         return PipelineConfig(
             stages=stages,
             source=SourceConfig(**_pick(source, SourceConfig, "[source]")),

@@ -274,7 +274,7 @@ class LinkSender:
         return not self._pending
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        self.sock.close(linger=0)  # unacked data is the upstream's to resend, never a reason to hang
 
 
 @dataclass
@@ -447,5 +447,6 @@ class LinkReceiver:
                 self._send(peer, wire.encode_control(wire.MsgType.HEARTBEAT, stage=self.stage,
                                                      first_id=self.incarnation))
 
-    def close(self) -> None:
-        self.sock.close(linger=0)
+    def close(self, linger_s: float = 1.0) -> None:
+        """Close, giving queued acks ``linger_s`` to leave (else the sender waits to resend them)."""
+        self.sock.close(linger=int(linger_s * 1000))

@@ -83,7 +83,8 @@ class StageDaemon:
     Args:
         cfg: the resolved pipeline config.
         k: this stage's index.
-        start_time: wall-clock start of the pipeline (the bandwidth schedule's t = 0).
+        start_time: wall-clock t = 0 of the bandwidth schedule; None starts it with the first microbatch
+            received (every stage then sees its step within a pipeline latency of the others).
         events: optional JSON-lines file that receives one record per policy window.
         ctx: ZeroMQ context (a new one by default).
     """
@@ -94,7 +95,7 @@ class StageDaemon:
             raise ConfigError(f"--stage {k}: the config has stages 0..{len(cfg.stages) - 1}")
         self.cfg, self.k = cfg, k
         self.last = k == len(cfg.stages) - 1
-        self.start_time = time.time() if start_time is None else start_time
+        self.start_time = start_time
         self.metrics = DaemonMetrics(str(k), cfg.stages[k].metrics_port)
         self.engine = load_stage_engine(cfg, k)
         self.table = load_table(cfg)
@@ -122,6 +123,7 @@ class StageDaemon:
         self.metrics.bits.set(self.bits)
         if hasattr(codec, "warmup"):
             codec.warmup()  # compile the fast kernel now, not on the first frame
+        self._event({"event": "ready", "bits": self.bits})
         log.info("stage %d: %s; in %s, out %s; bits %s (policy %s); config %s", k, self.engine.describe(),
                  self.inbound.endpoint, cfg.downstream_address(k), self.bits, type(self.policy).__name__,
                  json.dumps(cfg.to_dict(), sort_keys=True))
@@ -193,10 +195,19 @@ class StageDaemon:
         self._apply_schedule()
 
     def _apply_schedule(self) -> None:
-        if self.schedule is not None and self.outbound.shaper is not None:
-            rate = self.schedule.rate_at(time.time() - self.start_time) * MBIT
-            if rate != self.outbound.shaper.rate:
-                self.outbound.shaper.set_rate(rate, time.monotonic())
+        if self.schedule is None or self.outbound.shaper is None:
+            return
+        if self.start_time is None:
+            return  # the schedule's clock starts with the first microbatch (see __init__)
+        rate = self.schedule.rate_at(time.time() - self.start_time) * MBIT
+        if rate != self.outbound.shaper.rate:
+            self.outbound.shaper.set_rate(rate, time.monotonic())
+            self._event({"event": "rate", "mbit": rate / MBIT})
+
+    def _event(self, record: dict[str, Any]) -> None:
+        if self.events is not None:
+            with self.events.open("a") as f:
+                f.write(json.dumps({"t": time.time(), "stage": self.k, **record}) + "\n")
 
     def _after_link_activity(self) -> None:
         for stats in self.outbound.take_windows():
@@ -204,16 +215,14 @@ class StageDaemon:
             self.bits = self.policy.update(stats)
             self.metrics.bits.set(self.bits)
             self.metrics.bandwidth.set(stats.bandwidth)
-            record = {"t": time.time(), "stage": self.k, "bits": stats.bits, "next_bits": self.bits,
+            record = {"event": "window", "bits": stats.bits, "next_bits": self.bits,
                       "bandwidth_Bps": stats.bandwidth, "ratio": getattr(self.policy, "last_ratio", None),
                       "images": stats.images, "bytes": stats.bytes, "busy_s": stats.busy_s,
                       "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate}
             if self.bits != previous:
                 log.info("stage %d: %d -> %d bits (link %.1f Mbit/s, %.1f img/s)", self.k, previous, self.bits,
                          stats.bandwidth / MBIT, stats.output_rate)
-            if self.events is not None:
-                with self.events.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+            self._event(record)
         self.metrics.queue_depth.set(self.outbound.in_flight)
         self.metrics.peer_up.labels(str(self.k), "out").set(1 if self.outbound.peer_alive() else 0)
         self.metrics.peer_up.labels(str(self.k), "in").set(1 if self.inbound.peer_alive() else 0)
@@ -226,13 +235,16 @@ class StageDaemon:
         """Stop accepting input; :meth:`serve` then drains and returns."""
         self.stopping = True
 
-    def serve(self, drain_timeout_s: float = 30.0) -> int:
+    def serve(self, drain_timeout_s: float = 10.0) -> int:
         """Run until :meth:`stop` (or SIGTERM), then drain the outbound link. Returns the exit code."""
         while not self.stopping:
             msg = self.inbound.receive(timeout_s=0.05)
             self.outbound.pump(0.0)
             self._apply_schedule()
             if msg is not None:
+                if self.start_time is None:
+                    self.start_time = time.time()
+                    self._apply_schedule()
                 self.process(msg)
             self._after_link_activity()
         drained = self.outbound.drain(drain_timeout_s, idle=self.inbound.service)

@@ -1,0 +1,157 @@
+"""The run's timeline: link rate, chosen bitwidth, output rate and accuracy over time; and its summary.
+
+This is the picture of the paper's adaptation experiment (QuantPipe, Wang et al. 2022): the link rate
+steps (500 -> 50 -> 250 Mbit/s), the stage switches bitwidth, the output rate holds the target. It is
+built after (or during) a run from the files ``quantpipe run`` leaves in its output directory:
+
+* ``results.jsonl`` (sink: one line per image with its arrival time ``t``),
+* ``labels.jsonl`` (source: the label of each image id, -1 when unknown),
+* ``events-stage<K>.jsonl`` (stage K: one line per policy window, per rate change, and at start).
+
+:func:`build` bins them into rows (one per ``bin_s`` seconds), :func:`write_csv` and :func:`plot`
+write ``timeline.csv`` / ``timeline.png`` (matplotlib is imported only there), :func:`adaptation`
+measures, after each step of the schedule, how many policy windows the stage needed to settle and
+whether it changed bitwidth again afterwards (oscillation).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantpipe.runtime.shaping import RateSchedule
+
+__all__ = ["Row", "read_jsonl", "build", "write_csv", "plot", "adaptation", "summary"]
+
+
+@dataclass
+class Row:
+    t: float  # seconds since t0 (start of the bin)
+    link_mbit: float  # schedule rate in force (nan: unshaped)
+    bits: float  # bitwidth the first shaped stage was sending at the end of the bin
+    bandwidth_mbit: float  # that stage's latest bandwidth estimate
+    output_rate: float  # results per second in the bin
+    accuracy: float  # top-1 of the bin's labelled results (nan: none)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines file, skipping a partially written last line (the file may still grow)."""
+    out: list[dict[str, Any]] = []
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def build(out_dir: Path, t0: float, schedule: RateSchedule | None, *, stage: int = 0, bin_s: float = 1.0,
+          t_end: float | None = None) -> list[Row]:
+    """Bin a run's files into rows from ``t0`` (wall clock) to the last result (or ``t_end``)."""
+    results = read_jsonl(out_dir / "results.jsonl")
+    labels = {r["id"]: r["label"] for r in read_jsonl(out_dir / "labels.jsonl")}
+    windows = [e for e in read_jsonl(out_dir / f"events-stage{stage}.jsonl") if e.get("event") == "window"]
+    end = t_end if t_end is not None else max([r["t"] for r in results if "t" in r] + [t0])
+    n = max(1, math.ceil((end - t0) / bin_s))
+    rows = []
+    bits, bw, wi = math.nan, math.nan, 0
+    for i in range(n):
+        lo, hi = t0 + i * bin_s, t0 + (i + 1) * bin_s
+        while wi < len(windows) and windows[wi]["t"] < hi:
+            bits, bw = windows[wi]["next_bits"], windows[wi]["bandwidth_Bps"] * 8 / 1e6
+            wi += 1
+        in_bin = [r for r in results if "t" in r and lo <= r["t"] < hi]
+        scored = [r for r in in_bin if labels.get(r["id"], -1) >= 0]
+        acc = sum(r["top5"][0][0] == labels[r["id"]] for r in scored) / len(scored) if scored else math.nan
+        rows.append(Row(round(i * bin_s, 3), schedule.rate_at(i * bin_s) if schedule else math.nan, bits, bw,
+                        len(in_bin) / bin_s, acc))
+    return rows
+
+
+def write_csv(rows: list[Row], path: Path) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t_s", "link_mbit", "bits", "bandwidth_estimate_mbit", "output_rate_img_s", "top1"])
+        for r in rows:
+            w.writerow([r.t, r.link_mbit, r.bits, round(r.bandwidth_mbit, 3), r.output_rate, r.accuracy])
+    return path
+
+
+def plot(rows: list[Row], path: Path, *, target_rate: float, title: str = "") -> Path:
+    """Four stacked panels sharing the time axis, like the paper's adaptation figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r.t for r in rows]
+    fig, ax = plt.subplots(4, 1, figsize=(9, 8), sharex=True)
+    ax[0].step(t, [r.link_mbit for r in rows], where="post", label="link rate (schedule)")
+    ax[0].plot(t, [r.bandwidth_mbit for r in rows], ".", label="measured (acked bytes / busy time)")
+    ax[0].set_ylabel("Mbit/s")
+    ax[0].legend(loc="upper right", fontsize=8)
+    ax[1].step(t, [r.bits for r in rows], where="post", color="C2")
+    ax[1].set_ylabel("bitwidth")
+    ax[1].set_yticks([2, 4, 6, 8, 16, 32])
+    ax[2].plot(t, [r.output_rate for r in rows], color="C3")
+    ax[2].axhline(target_rate, color="grey", ls="--", lw=1, label=f"target {target_rate:g} img/s")
+    ax[2].set_ylabel("images/s")
+    ax[2].legend(loc="upper right", fontsize=8)
+    ax[3].plot(t, [100 * r.accuracy for r in rows], color="C4")
+    ax[3].set_ylabel("top-1 %")
+    ax[3].set_xlabel("time (s)")
+    fig.suptitle(title or "QuantPipe adaptation: link rate, bitwidth, output rate, accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def adaptation(events: list[dict[str, Any]], steps: list[float], t0: float) -> list[dict[str, Any]]:
+    """For each step time (seconds after ``t0``): windows until the last bitwidth change of that phase,
+    the bitwidth it settled on, and how many changes happened (1 or 0 = no oscillation)."""
+    windows = [e for e in events if e.get("event") == "window"]
+    out = []
+    for i, start in enumerate(steps):
+        end = steps[i + 1] if i + 1 < len(steps) else math.inf
+        before = [w for w in windows if w["t"] - t0 < start]
+        phase = [w for w in windows if start <= w["t"] - t0 < end]
+        # A change is a decision that differs from the previous decision (a window that straddles a
+        # switch still reports the old bits as its majority, which is not a new change).
+        prev = before[-1]["next_bits"] if before else None
+        changes = []
+        for j, w in enumerate(phase):
+            if prev is not None and w["next_bits"] != prev:
+                changes.append(j)
+            prev = w["next_bits"]
+        settle = (changes[-1] + 1) if changes else 0
+        out.append({"step_s": start, "windows": len(phase), "settled_after_windows": settle,
+                    "changes": len(changes), "bits": phase[-1]["next_bits"] if phase else None,
+                    "settle_s": round(phase[settle - 1]["t"] - t0 - start, 3) if settle else 0.0})
+    return out
+
+
+def summary(out_dir: Path, t0: float, elapsed: float) -> dict[str, Any]:
+    """Images, errors, rate, latency percentiles and accuracy of a finished run."""
+    results = read_jsonl(out_dir / "results.jsonl")
+    labels = {r["id"]: r["label"] for r in read_jsonl(out_dir / "labels.jsonl")}
+    ok = [r for r in results if "top5" in r]
+    lat = sorted(r["latency_ms"] for r in ok)
+    scored = [r for r in ok if labels.get(r["id"], -1) >= 0]
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else math.nan
+
+    return {
+        "images": len(results), "errors": len(results) - len(ok), "elapsed_s": round(elapsed, 3),
+        "output_rate": round(len(results) / elapsed, 2) if elapsed > 0 else math.nan,
+        "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
+        "top1": round(sum(r["top5"][0][0] == labels[r["id"]] for r in scored) / len(scored), 4) if scored else None,
+        "in_order": [r["id"] for r in results] == sorted(r["id"] for r in results),
+    }

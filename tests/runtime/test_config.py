@@ -1,0 +1,104 @@
+"""Pipeline config files, flag overrides and validation; bandwidth schedules and the token bucket."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from quantpipe.errors import ConfigError
+from quantpipe.runtime.config import load_config
+from quantpipe.runtime.shaping import MBIT, RateSchedule, TokenBucket
+
+TOML = """
+[pipeline]
+clip_table = "table.json"
+bits = [32, 8, 4]
+target_rate = 40.0
+microbatch = 4
+input_shape = [5, 8]
+
+[source]
+images = "imgs"
+count = 10
+
+[sink]
+address = "tcp://127.0.0.1:5610"
+
+[[stages]]
+engine = "stage0.onnx"
+address = "tcp://127.0.0.1:5600"
+metrics_port = 9100
+
+[[stages]]
+engine = "builtin:identity"
+address = "tcp://127.0.0.1:5601"
+"""
+
+
+def _write(tmp_path, text=TOML, name="p.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_load_resolves_paths_and_applies_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path), {"target_rate": 80.0, "window": None, "source.count": 99})
+    assert cfg.target_rate == 80.0 and cfg.window == 10 and cfg.source.count == 99
+    assert cfg.clip_table == str(tmp_path / "table.json") and cfg.source.images == str(tmp_path / "imgs")
+    assert cfg.stages[0].engine == str(tmp_path / "stage0.onnx") and cfg.stages[1].engine == "builtin:identity"
+    assert cfg.bits == (32, 8, 4) and cfg.downstream_address(0) == "tcp://127.0.0.1:5601"
+    assert cfg.downstream_address(1) == cfg.sink.address
+    assert cfg.allowed_bits((2, 4, 8, 16)) == [32, 8, 4]
+
+
+def test_resolved_document_round_trips_through_json(tmp_path):
+    cfg = load_config(_write(tmp_path))
+    again = load_config(_write(tmp_path, json.dumps(cfg.to_document()), "config.json"))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('bits = [32, 8, 4]', 'bits = [32, 9]'), "bits"),
+    (lambda t: t.replace('target_rate = 40.0', 'target_rate = 0'), "target_rate"),
+    (lambda t: t.replace('microbatch = 4', 'microbatch = 0'), "microbatch"),
+    (lambda t: t.replace('address = "tcp://127.0.0.1:5601"', 'address = "127.0.0.1:5601"'), "ZeroMQ endpoint"),
+    (lambda t: t.replace('5601', '5600'), "same address"),
+    (lambda t: t.replace('microbatch = 4', 'microbatch = 4\nbogus = 1'), "unknown key"),
+    (lambda t: t.replace('[pipeline]', '[pipelin]'), "unknown table"),
+    (lambda t: t.replace('microbatch = 4', 'bandwidth_schedule = "5:100"'), "start at 0"),
+    (lambda t: t + "\n[[stages]]\naddress = 'tcp://127.0.0.1:5602'\n", "no engine"),
+    (lambda t: "[pipeline]\n", r"no \[\[stages\]\]"),
+    (lambda t: "[pipeline\n", "cannot read"),
+])
+def test_invalid_configs_say_what_to_fix(tmp_path, edit, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, edit(TOML)))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_schedule_parse_and_lookup():
+    s = RateSchedule.parse("0:500, 20:50,40:250")
+    assert [s.rate_at(t) for t in (0, 19.9, 20, 39, 40, 1e6)] == [500, 500, 50, 50, 250, 250]
+    assert str(s) == "0:500,20:50,40:250" and s.duration == 40
+    assert RateSchedule.parse("100").steps == ((0.0, 100.0),)
+    for bad in ("", "0:x", "0:-5", "10:5", "0:5,0:6"):
+        with pytest.raises(ConfigError):
+            RateSchedule.parse(bad)
+
+
+def test_token_bucket_holds_the_long_run_rate():
+    rate = 10 * MBIT
+    bucket = TokenBucket(rate, burst=32768, now=0.0)
+    t, sent, frame = 0.0, 0, 200_000  # frames larger than the burst
+    while t < 10.0:
+        if bucket.take(frame, t):
+            sent += frame
+        t += 0.001
+    assert sent / 10.0 == pytest.approx(rate, rel=0.03)
+    bucket.set_rate(rate / 10, t)
+    assert bucket.wait_time(frame, t) > 0
