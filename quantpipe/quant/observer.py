@@ -147,7 +147,8 @@ class BoundaryObserver:
         if a.size == 0:
             return
         # float32 is what crosses the boundary; casting first also catches float64 values beyond its range
-        rows = np.ascontiguousarray(a.reshape(-1, self.channels), dtype=np.float32)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+            rows = np.ascontiguousarray(a.reshape(-1, self.channels), dtype=np.float32)
         if not np.isfinite(rows).all():
             raise CalibrationDataError(
                 f"boundary batch holds {int(np.isnan(rows).sum())} NaN and {int(np.isinf(rows).sum())} inf value(s) "
