@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from quantpipe.errors import ConfigError, MissingDependencyError
+from quantpipe.errors import ConfigError, MissingDependencyError, QuantpipeError
 
 __all__ = ["add_arguments", "run", "parse_batch"]
 
@@ -122,8 +122,9 @@ def run(args: argparse.Namespace) -> int:
     from quantpipe.manifest import BoundaryInfo, StageInfo, StageManifest, TensorInfo, sha256_file
 
     batch = parse_batch(args.batch)
-    # onnx_ir logs every graph rewrite at INFO; that is exporter detail, not export progress.
-    logging.getLogger("onnx_ir").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # onnx_ir and onnxscript log every graph rewrite at INFO; that is exporter detail, not export progress.
+    for noisy in ("onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     if args.fp16 and args.engine != "tensorrt":
         raise ConfigError("--fp16 applies to TensorRT engines; add --engine tensorrt (the ONNX graphs stay float32)")
     if args.engine == "tensorrt" and not tensorrt_available():
@@ -224,13 +225,14 @@ def run(args: argparse.Namespace) -> int:
         directory=out,
     )
     if args.engine == "tensorrt":
-        from quantpipe.engines.tensorrt import build_stage_engines
+        from quantpipe.engines.tensorrt import build_stage_engines, needs_fp16_graph
 
         t0 = time.perf_counter()
-        manifest.engines["tensorrt"] = build_stage_engines(
-            [manifest.stage_path(k) for k in range(len(stages))], out / "engines", batch=batch, fp16=args.fp16,
-            progress=bar.update,
-        )
+        sources = [manifest.stage_path(k) for k in range(len(stages))]
+        if args.fp16 and needs_fp16_graph():
+            sources = _export_half_graphs(stages, graphs, out, args.opset, data_config)
+        manifest.engines["tensorrt"] = build_stage_engines(sources, out / "engines", batch=batch, fp16=args.fp16,
+                                                           progress=bar.update)
         timings["build_engines"] = time.perf_counter() - t0
     else:
         manifest.engines["onnxruntime"] = _onnxruntime_entry(manifest, args.threads)
@@ -246,6 +248,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {s.file}: blocks {s.blocks[0]}-{s.blocks[1] - 1}  {s.input.name} {list(s.input.shape)} -> "
               f"{s.output.name} {list(s.output.shape)}  {size:.1f} MiB  sha256 {s.sha256[:12]}")
     return 0
+
+
+def _export_half_graphs(stages: list[Any], graphs: list[Any], out: Path, opset: int,
+                        data_config: dict[str, Any]) -> list[Path]:
+    """fp16 copies of the stage graphs (float32 I/O) for TensorRT versions that only build strongly typed."""
+    import torch
+
+    from quantpipe.export.onnx_export import export_stage
+    from quantpipe.export.split import HalfStage
+    from quantpipe.engines import load_engine
+    from quantpipe.export.verify import Comparison, check_graphs
+
+    example = torch.randn(2, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    paths = []
+    for k, (stage, g) in enumerate(zip(stages, graphs)):
+        half = export_stage(HalfStage(stage).eval(), example, out / f"stage{k}.fp16.onnx", g.input_name, g.output_name,
+                            opset=opset)
+        paths.append(half.path.resolve())
+        check_graphs([half.path])
+        # fp16 cannot meet the fp32 tolerance; check only that the half graph computes the same function.
+        engine = load_engine(half.path, backend="onnxruntime", providers=["CPUExecutionProvider"])
+        with torch.no_grad():
+            reference = stage(example)
+        comparison = Comparison(f"stage {k} fp16 onnx vs torch")
+        comparison.update(engine.run(example.numpy()), reference.numpy())
+        engine.close()
+        log.info("%s", comparison.line())
+        if not comparison.passed(rtol=2e-2, min_cosine=0.999):
+            raise QuantpipeError(f"the fp16 graph of stage {k} is too far from fp32: {comparison.line()}")
+        example = reference
+    return paths
 
 
 def _onnxruntime_entry(manifest: Any, threads: int | None) -> dict[str, Any]:

@@ -22,6 +22,10 @@ __all__ = ["create_model", "load_checkpoint", "data_config_of", "weights_source"
 
 log = logging.getLogger(__name__)
 
+# timm modules whose models are plain VisionTransformer (or its distilled subclass): patch_embed ->
+# blocks (nn.Sequential) -> norm -> forward_head. Other ViT variants (relpos, hybrid, eva, ...) differ.
+_SUPPORTED_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
 
 def _check_name(name: str) -> None:
     if timm.is_model(name):
@@ -47,6 +51,12 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
         ArtifactMismatchError: the checkpoint does not fit the model.
     """
     _check_name(name)
+    module = timm.models.model_entrypoint(name).__module__
+    if module not in _SUPPORTED_MODULES:
+        raise ConfigError(
+            f"{name} is defined in {module}; quantpipe export supports timm's VisionTransformer family "
+            "(vit_*, deit_*, test_vit*), whose blocks can be cut into pipeline stages"
+        )
     if pretrained and checkpoint is not None:
         raise ConfigError("give either --pretrained or --checkpoint, not both")
     # exportable=True turns off fused attention (scaled_dot_product_attention), which exports to ONNX as

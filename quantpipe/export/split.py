@@ -13,6 +13,7 @@ modules, and running the stages in order is operation-for-operation the whole mo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from quantpipe.errors import ConfigError
 
-__all__ = ["parse_split", "FirstStage", "MiddleStage", "LastStage", "build_stages", "stage_io_names"]
+__all__ = ["parse_split", "FirstStage", "MiddleStage", "LastStage", "HalfStage", "build_stages", "stage_io_names"]
 
 
 def parse_split(split: str | Sequence[int], num_blocks: int) -> list[int]:
@@ -113,6 +114,21 @@ class LastStage(nn.Module):
         # forward_head does the model's own pooling (class token, average, attention pool, or the
         # distilled average of two heads), so every ViT variant keeps its exact head.
         return self.vit.forward_head(x)
+
+
+class HalfStage(nn.Module):
+    """A stage computing in fp16 with float32 input and output, for strongly typed TensorRT (>= 11).
+
+    TensorRT 11 removed the fp16 builder flag: precision must be in the graph. Casting at the stage's
+    edges keeps the boundary tensors float32, so the wire format and the other stages do not change.
+    """
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = copy.deepcopy(stage).half()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x.half()).float()
 
 
 def build_stages(model: nn.Module, cuts: Sequence[int]) -> list[nn.Module]:
