@@ -127,8 +127,8 @@ class Sink:
     def stop(self, *_: Any) -> None:
         self.stopping = True
 
-    def close(self) -> None:
-        self.link.close()
+    def close(self, linger_s: float = 1.0) -> None:
+        self.link.close(linger_s)
 
 
 def main(argv: list[str] | None = None) -> int:

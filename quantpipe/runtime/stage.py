@@ -119,6 +119,8 @@ class StageDaemon:
                                    shaper=shaper)
         self.events = Path(events) if events else None
         self.stopping = False
+        self._stop_at = 0.0
+        self.drain_timeout_s = 10.0
         self._exported = (0, 0)
         self.metrics.bits.set(self.bits)
         if hasattr(codec, "warmup"):
@@ -173,7 +175,12 @@ class StageDaemon:
 
     def _send(self, frames: list, seq: int, images: int, bits: int, fp32_bytes: int, measured: bool) -> None:
         # Blocking on credit is the backpressure: upstream stops getting acks and stops sending.
-        self.outbound.wait_credit(idle=self._idle)
+        # After a stop request it waits at most the drain time (downstream may be gone for good).
+        if not self.outbound.wait_credit(should_stop=self._drain_expired, idle=self._idle):
+            self.metrics.error("dropped_at_shutdown")
+            log.error("stage %d: shutting down with microbatch %d unsent: downstream took nothing for %.0f s",
+                      self.k, seq, self.drain_timeout_s)
+            return
         self.outbound.send(frames, seq=seq, images=images, bits=bits, fp32_bytes=fp32_bytes, measured=measured)
         if measured:
             self.metrics.images_out.inc(images)
@@ -232,11 +239,17 @@ class StageDaemon:
         self._exported = (self.outbound.resends, self.inbound.duplicates)
 
     def stop(self, *_: Any) -> None:
-        """Stop accepting input; :meth:`serve` then drains and returns."""
+        """Stop accepting input; :meth:`serve` then drains (at most ``drain_timeout_s``) and returns."""
+        if not self.stopping:
+            self._stop_at = time.monotonic()
         self.stopping = True
+
+    def _drain_expired(self) -> bool:
+        return self.stopping and time.monotonic() - self._stop_at > self.drain_timeout_s
 
     def serve(self, drain_timeout_s: float = 10.0) -> int:
         """Run until :meth:`stop` (or SIGTERM), then drain the outbound link. Returns the exit code."""
+        self.drain_timeout_s = drain_timeout_s
         while not self.stopping:
             msg = self.inbound.receive(timeout_s=0.05)
             self.outbound.pump(0.0)
@@ -247,7 +260,8 @@ class StageDaemon:
                     self._apply_schedule()
                 self.process(msg)
             self._after_link_activity()
-        drained = self.outbound.drain(drain_timeout_s, idle=self.inbound.service)
+        drained = self.outbound.drain(max(0.0, drain_timeout_s - (time.monotonic() - self._stop_at)),
+                                      idle=self.inbound.service)
         log.info("stage %d: stopped (%s)", self.k, "drained" if drained else
                  f"{self.outbound.in_flight} microbatch(es) unacknowledged after {drain_timeout_s:g} s")
         self.close()
