@@ -146,35 +146,35 @@ def _pack_octets(codes, k, bits, out):
 
 @njit(**_JIT)
 def _encode_narrow(x, lo, inv, bits, out):
-    """Encode at 1..8 bits (see :func:`encode_into`)."""
+    """Encode at 1..8 bits (see :func:`encode_into`).
+
+    Each helper has a single call site (compile time grows with every inlined copy of a vectorized
+    loop): the last, partial row is packed into a zeroed scratch row, its final group of 8 padded with
+    code 0, and only the bytes the stream needs are copied out.
+    """
     n = x.size
     p = lo.size
     n_levels = (1 << bits) - 1
-    codes = np.empty(p, dtype=np.uint8)
-    nans = 0
     row_bytes = p * bits // 8
-    for r in range(n // p):
-        if bits == 8:
-            nans += _quantize_row(x[r * p:], p, lo, inv, n_levels, out[r * p:])
-        else:
-            nans += _quantize_row(x[r * p:], p, lo, inv, n_levels, codes)
-            _pack_groups(codes, p, bits, out[r * row_bytes:])
-    m = n % p
-    if m:
-        start = n - m
-        o = (n // p) * row_bytes
-        nans += _quantize_row(x[start:], m, lo, inv, n_levels, codes)
-        full = m & ~7
-        _pack_groups(codes, full, bits, out[o:])
-        rest = m - full
-        if rest:
-            # Last incomplete group of 8: pad with code 0 (zero bits) and keep only the bytes it needs.
-            group = np.zeros(8, dtype=np.uint8)
-            group[:rest] = codes[full:m]
-            scratch = np.zeros(8, dtype=np.uint8)
-            _pack_groups(group, 8, bits, scratch)
-            o += full * bits // 8
-            out[o:o + (rest * bits + 7) // 8] = scratch[:(rest * bits + 7) // 8]
+    codes = np.zeros(p, dtype=np.uint8)
+    tail = np.zeros(row_bytes, dtype=np.uint8)
+    nans = 0
+    for r in range((n + p - 1) // p):
+        start = r * p
+        m = min(p, n - start)
+        partial = m < p
+        if partial:
+            codes[:] = 0
+        # 8-bit codes are the stream itself: quantize straight into the payload.
+        target = out[start:] if bits == 8 else codes
+        nans += _quantize_row(x[start:], m, lo, inv, n_levels, target)
+        if bits != 8:
+            o = r * row_bytes
+            dst = tail if partial else out[o:]
+            _pack_groups(codes, (m + 7) & ~7, bits, dst)
+            if partial:
+                used = (m * bits + 7) // 8
+                out[o:o + used] = tail[:used]
     return nans
 
 
@@ -279,34 +279,31 @@ def _unpack_octets(buf, k, bits, codes):
 
 @njit(**_JIT)
 def _decode_narrow(buf, step, lo, bits, y):
-    """Decode 1..8-bit codes (see :func:`decode_into`)."""
+    """Decode 1..8-bit codes (see :func:`decode_into`).
+
+    The mirror of :func:`_encode_narrow`: the last, partial row's bytes are copied into a zeroed
+    scratch row first, so that unpacking whole groups of 8 never reads past the payload.
+    """
     n = y.size
     p = lo.size
-    codes = np.empty(p, dtype=np.uint8)
     row_bytes = p * bits // 8
-    for r in range(n // p):
+    codes = np.empty(p, dtype=np.uint8)
+    tail = np.zeros(row_bytes, dtype=np.uint8)
+    for r in range((n + p - 1) // p):
+        start = r * p
+        m = min(p, n - start)
+        o = r * row_bytes
         if bits == 8:
-            _dequantize_row(buf[r * p:], p, step, lo, y[r * p:])
+            source = buf[start:]
         else:
-            _unpack_groups(buf[r * row_bytes:], p, bits, codes)
-            _dequantize_row(codes, p, step, lo, y[r * p:])
-    m = n % p
-    if m:
-        o = (n // p) * row_bytes
-        full = m & ~7
-        _unpack_groups(buf[o:], full, bits, codes)
-        rest = m - full
-        if rest:
-            # Copy the final partial group's bytes into a zeroed 8-byte scratch so unpacking never reads
-            # past the payload.
-            scratch = np.zeros(8, dtype=np.uint8)
-            have = (rest * bits + 7) // 8
-            o += full * bits // 8
-            scratch[:have] = buf[o:o + have]
-            group = np.empty(8, dtype=np.uint8)
-            _unpack_groups(scratch, 8, bits, group)
-            codes[full:m] = group[:rest]
-        _dequantize_row(codes, m, step, lo, y[n - m:])
+            src = buf[o:]
+            if m < p:
+                used = (m * bits + 7) // 8
+                tail[:used] = buf[o:o + used]
+                src = tail
+            _unpack_groups(src, (m + 7) & ~7, bits, codes)
+            source = codes
+        _dequantize_row(source, m, step, lo, y[start:])
 
 
 @njit(**_JIT)

@@ -129,8 +129,8 @@ def encode(
         lo, hi: clip range, scalars (per tensor) or 1-D arrays of length ``x.shape[-1]``.
         allow_nan: if False (default), a tensor holding NaN raises :class:`NonFiniteInputError`;
             if True, NaNs encode to code 0 (32 bits: travel as NaN).
-        out: optional uint8 array of :func:`encoded_nbytes` bytes to write into (reused send buffers);
-            it is returned.
+        out: optional C-contiguous uint8 array of :func:`encoded_nbytes` bytes to write into (a reused
+            send buffer); it is returned.
 
     Returns:
         A 1-D uint8 array of :func:`encoded_nbytes` bytes. At 32 bits and without ``out``, a zero-copy
@@ -147,7 +147,7 @@ def encode(
     nbytes = encoded_nbytes(x.size, bits)
     if out is not None:
         _check_out(out, np.dtype(np.uint8), nbytes, f"{x.size} values at {bits} bits")
-        out = out.reshape(-1)
+    dest = out.reshape(-1) if out is not None else np.empty(nbytes, dtype=np.uint8)
     if bits == 32:
         # min() propagates NaN and allocates nothing: a cheap test before an exact count.
         if not allow_nan and x.size and np.isnan(x.min()):
@@ -155,26 +155,24 @@ def encode(
         raw = x.reshape(-1).view(np.uint8)
         if out is None:
             return raw
-        np.copyto(out, raw)
+        np.copyto(dest, raw)
         return out
     if lo is None or hi is None:
         raise QuantizationInputError(f"encoding at {bits} bits needs a clip range (lo, hi)")
     lo_a, hi_a = range_for_shape(x.shape, lo, hi)
-    if out is None:
-        out = np.empty(nbytes, dtype=np.uint8)
     kernels = _kernels_or_none()
     if kernels is None or x.size == 0:
         codes = primitives.quantize(x, lo_a, hi_a, bits)
         nan_count = int(np.count_nonzero(np.isnan(x))) if not allow_nan else 0
         if not nan_count:
-            out[:] = packing.pack(codes, bits)
+            dest[:] = packing.pack(codes, bits)
     else:
         _, inverse = primitives.step_and_inverse(lo_a, hi_a, bits)
         period = kernels.row_period(lo_a.shape[0] if lo_a.ndim else 1)
-        nan_count = kernels.encode_into(x.reshape(-1), _tiled(lo_a, period), _tiled(inverse, period), bits, out)
+        nan_count = kernels.encode_into(x.reshape(-1), _tiled(lo_a, period), _tiled(inverse, period), bits, dest)
     if nan_count and not allow_nan:
         raise NonFiniteInputError(nan_count)
-    return out
+    return dest if out is None else out
 
 
 def decode(

@@ -21,9 +21,13 @@ Edge cases (documented behaviour, tested):
 * constant range (``hi == lo``): every value encodes to code 0 and decodes to ``lo``; never a division
   by zero.
 * ``+inf`` / ``-inf`` saturate to ``hi`` / ``lo`` like any out-of-range value.
+* a degenerate range narrower than ``L / 3.4e38`` (about ``1e-38 * L``, subnormal) has an infinite
+  inverse step: every value above ``lo`` encodes to ``L`` (an absolute error below the span). Numpy's
+  overflow warnings for it are silenced: the result is defined.
 * ``NaN`` encodes to code 0; it never affects a neighbouring value. The codec counts NaNs so that the
   caller can refuse the tensor (:func:`quantpipe.quant.codec.encode` raises by default).
-* an inverted range (``hi < lo``), a non-finite range, a per-channel range whose length is not the
+* an inverted range (``hi < lo``), a non-finite range, a range whose width ``hi - lo`` overflows
+  float32 (its step would be infinite and code 0 would decode to NaN), a per-channel range whose length is not the
   tensor's last axis (or a per-channel range for a 0-d tensor) and an unsupported bitwidth are rejected
   with :class:`QuantizationInputError` (a ``ValueError`` and a
   :class:`~quantpipe.errors.QuantpipeError`).
@@ -98,6 +102,12 @@ def as_range(lo, hi, channels: int | None = None) -> tuple[np.ndarray, np.ndarra
         raise QuantizationInputError("clip range must be finite: check the clip table or the inline range")
     if np.any(hi_a < lo_a):
         raise QuantizationInputError("clip range is inverted (hi < lo): pass the lower bound first")
+    with np.errstate(over="ignore"):
+        too_wide = not np.all(np.isfinite(hi_a - lo_a))
+    if too_wide:
+        raise QuantizationInputError(
+            "clip range is wider than float32 can hold (hi - lo overflows): clip to a narrower range"
+        )
     return lo_a, hi_a
 
 
@@ -116,9 +126,9 @@ def range_for_shape(shape: tuple[int, ...], lo, hi) -> tuple[np.ndarray, np.ndar
 def step_and_inverse(lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Step ``s = (hi - lo) / L`` and its inverse ``L / (hi - lo)`` (0 where the range is empty), float32."""
     n_levels = np.float32(levels(bits))
-    span = (hi - lo).astype(np.float32)
-    step = (span / n_levels).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # see the module docstring
+        span = (hi - lo).astype(np.float32)
+        step = (span / n_levels).astype(np.float32)
         inverse = np.where(span > 0, n_levels / span, np.float32(0)).astype(np.float32)
     return step, inverse
 
@@ -128,7 +138,8 @@ def quantize(x: np.ndarray, lo, hi, bits: int) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     lo_a, hi_a = range_for_shape(x.shape, lo, hi)
     _, inverse = step_and_inverse(lo_a, hi_a, bits)
-    v = (np.minimum(np.maximum(x, lo_a), hi_a) - lo_a) * inverse
+    with np.errstate(over="ignore", invalid="ignore"):  # 0 * inf of a degenerate range: see above
+        v = (np.minimum(np.maximum(x, lo_a), hi_a) - lo_a) * inverse
     q = np.floor(v + np.float32(0.5))
     q = np.where(np.isnan(q), np.float32(0), q)  # NaN -> code 0
     q = np.minimum(q, np.float32(levels(bits)))

@@ -28,12 +28,13 @@ def _slack(lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
     """float32 rounding allowance of quantize + dequantize on top of step/2.
 
     About 8 roundings each of relative size eps, of quantities no larger than the span or |lo|, |hi|;
-    plus, for spans so small that the step is subnormal (or underflows to 0), up to half a subnormal
-    unit lost per level.
+    plus an absolute L * (smallest normal float32) for degenerate spans below that: there the step is
+    subnormal, or the inverse step ``L / span`` overflows to inf and every value above ``lo`` saturates
+    to ``L`` (documented in primitives), so the error is bounded by the span itself.
     """
     span = hi.astype(np.float64) - lo.astype(np.float64)
-    subnormal = float(np.finfo(np.float32).smallest_subnormal)
-    return 16 * EPS * (span + np.maximum(np.abs(lo), np.abs(hi))) + levels(bits) * subnormal
+    tiny = float(np.finfo(np.float32).tiny)
+    return 16 * EPS * (span + np.maximum(np.abs(lo), np.abs(hi))) + levels(bits) * tiny
 
 
 @st.composite
@@ -141,6 +142,7 @@ def test_scalar_tensor():
         (1.0, 0.0, "inverted"),
         (np.array([0.0, 0.0, 2.0, 0.0]), np.array([1.0, 1.0, 1.0, 1.0]), "inverted"),
         (0.0, np.inf, "finite"),
+        (-3e38, 3e38, "wider than float32"),
         (np.nan, 1.0, "finite"),
         (np.zeros(3), np.ones(4), "equal length"),
         (np.zeros((2, 2)), np.ones((2, 2)), "1-D"),
