@@ -131,3 +131,25 @@ def test_library_entry_point_needs_some_readable_image(synthetic_stages, tmp_pat
     with StageChain(synthetic_stages) as chain, pytest.raises(QuantpipeError, match="nothing to calibrate"):
         calibrate(chain, ds, resolve_methods(["naive"]), [4])
     assert isinstance(Preprocess.from_config({}), Preprocess)
+
+
+def test_calibrate_on_the_flat_ilsvrc_validation_layout(synthetic_stages, tmp_path):
+    """The layout of a real ImageNet validation download: flat JPEGs plus LOC_val_solution.csv."""
+    from quantpipe.calib.data import imagenet_wnids
+    from PIL import Image
+
+    wnids = imagenet_wnids()
+    val = tmp_path / "val"
+    val.mkdir()
+    lines = ["ImageId,PredictionString"]
+    for i in range(1, 7):
+        name = f"ILSVRC2012_val_{i:08d}"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(val / f"{name}.JPEG")
+        lines.append(f"{name},{wnids[i * 100]} 1 2 3 4")
+    (val / "LOC_val_solution.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "t.json"
+    assert main(["calibrate", "--stages", str(synthetic_stages), "--dataset", "imagenet", "--data-dir", str(val),
+                 "--bits", "2", "--methods", "aciq", "--out", str(out)]) == 0
+    prov = ClipTable.load(out).provenance
+    assert prov["num_images"] == 6 and prov["dataset"]["layout"] == "flat"
+    assert prov["dataset"]["ground_truth"].endswith("LOC_val_solution.csv")
