@@ -71,8 +71,10 @@ DS_ACIQ_BINS = 200
 DS_ACIQ_STEPS = 100
 #: Bins of the per-row histogram that :func:`mse_range` searches on.
 MSE_HIST_BINS = 2048
-#: Up to this bitwidth the MSE search scores every quantization cell exactly (see BinnedRows.expected_mse).
+#: Up to this bitwidth the MSE search's final rounds score every quantization cell exactly
+#: (see BinnedRows.expected_mse); its coarse grid does so up to MSE_EXACT_COARSE_BITS.
 MSE_EXACT_BITS = 6
+MSE_EXACT_COARSE_BITS = 4
 
 
 class CalibrationDataError(QuantpipeError, ValueError):
@@ -510,26 +512,30 @@ class BinnedRows:
         p0[:, 0], p0[:, -1] = 0.0, self.total  # the outer edges hold everything, closed at the top
         return np.diff(p0, axis=1).reshape(k, bins)
 
-    def expected_mse(self, lo: np.ndarray, hi: np.ndarray, bits: int, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+    def expected_mse(
+        self, lo: np.ndarray, hi: np.ndarray, bits: int, rows: np.ndarray | slice = slice(None), *, exact: bool | None = None
+    ) -> np.ndarray:
         """Mean squared quantization error of each candidate range ``[lo, hi]`` (relative to the mean).
 
         Uses the quantizer of :mod:`quantpipe.quant.primitives`: level ``k`` sits at ``lo + k*s`` and
         receives every value in ``[lo + (k-1/2)s, lo + (k+1/2)s)`` (the end levels also everything
         clipped), so the error is ``sum_k S2_k - 2 y_k S1_k + y_k^2 N_k`` over those cells, exact for
-        piecewise-uniform data. Above :data:`MSE_EXACT_BITS` bits the in-range error uses the
-        uniform-noise value ``s^2 / 12`` (plus the exact clipping error): with 127 or more steps the
-        density is close to linear within one step, where that value is accurate, and it saves the
-        cost of evaluating every cell.
+        piecewise-uniform data. With ``exact=False`` (the default above :data:`MSE_EXACT_BITS` bits)
+        the in-range error is the uniform-noise value ``s^2 / 12`` plus the exact clipping error: with
+        127 or more steps the density is close to linear within one step, where that value is
+        accurate, and it saves the cost of evaluating every cell.
 
         Args:
             lo, hi: ``[K', T]`` candidate ranges with ``lo <= hi``.
             bits: the bitwidth.
             rows: the rows the candidates belong to.
+            exact: score every cell (True) or use the uniform-noise value (False); None: by ``bits``.
         """
         n_levels = primitives.levels(bits)
+        exact = bits <= MSE_EXACT_BITS if exact is None else exact
         step = (hi - lo) / n_levels
         total = self.total[rows][:, None]
-        if bits <= MSE_EXACT_BITS:
+        if exact:
             kk, tt = lo.shape
             cuts = lo[..., None] + (np.arange(n_levels) + 0.5) * step[..., None]  # [K', T, L]
             p = [a.reshape(kk, tt, n_levels) for a in self.partial(cuts.reshape(kk, -1), rows)]
@@ -549,56 +555,72 @@ class BinnedRows:
             err = below + above + (p0h - p0l) * step * step / 12.0
         return np.maximum(err, 0.0) / total
 
-    def _best(self, lo: np.ndarray, hi: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    def _best(self, lo: np.ndarray, hi: np.ndarray, bits: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the candidate of ``lo``/``hi`` [K, T] with the least expected MSE (chunked)."""
         k, t = lo.shape
-        cells = (primitives.levels(bits) + 2) if bits <= MSE_EXACT_BITS else 2
+        cells = (primitives.levels(bits) + 2) if exact else 2
         chunk = max(1, (1 << 19) // (t * cells))
         err = np.empty((k, t))
         for start in range(0, k, chunk):
             sl = slice(start, min(k, start + chunk))
-            err[sl] = self.expected_mse(lo[sl], hi[sl], bits, sl)
+            err[sl] = self.expected_mse(lo[sl], hi[sl], bits, sl, exact=exact)
         err = np.where(lo <= hi, err, np.inf)
         best = err.argmin(axis=1)
         pick = np.arange(k)
         return lo[pick, best], hi[pick, best]
 
 
-#: Candidates of the MSE search: symmetric half-widths, then local asymmetric (lo, hi) grids.
-MSE_COARSE = 24
-MSE_REFINE = ((2, 1.0), (2, 1.0 / 2.5))
+#: Candidates of the MSE search (see :func:`mse_search`).
+MSE_SYMMETRIC = 24
+MSE_SIDE = 12
+MSE_SIDE_RATIO = 0.73  # 12 fractions from 1 down to 0.73**11 ~ 1/32 of each side's extent
+MSE_REFINE = (1.0, 1.0 / 3.0)
 
 
 def mse_search(dist: BinnedRows, bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Search the clip range with the least expected quantization MSE, per row of ``dist``.
 
-    The grid (why: the optimum of a unimodal boundary channel is near-symmetric about its mean, but
-    skewed channels and the 2-bit quantizer, which has no level at the centre, gain from asymmetry):
+    Coordinates are relative to the row's mean; ``umin < 0 < umax`` are the distances to the extremes.
+    Why this grid: a unimodal channel's optimum is near-symmetric, but boundary channels with outlier
+    tokens are strongly skewed (a bulk within +-1 and a few values at +12), and the 2-bit quantizer,
+    which has no level at the centre, gains from asymmetry; a linear grid over ``[umin, umax]`` would
+    be far too coarse for the bulk of such a channel. So the candidates are:
 
-    1. symmetric about the mean: half-widths ``a = amax * i / 24``, ``i = 1..24``, where ``amax`` is the
-       larger distance from the mean to ``min`` or ``max`` (``i = 24`` is the naive min/max range);
-    2. two rounds of a 5 x 5 grid moving ``lo`` and ``hi`` independently around the best so far, with
-       spacing ``amax / 24`` and then ``amax / 60`` (74 candidates in all).
+    1. symmetric about the mean: ``+-amax * i / 24``, ``i = 1..24``, clipped into ``[umin, umax]``
+       (``amax = max(-umin, umax)``; ``i = 24`` is the naive min/max range);
+    2. a 12 x 12 grid of ``(umin * g_i, umax * g_j)`` with each side's fraction ``g`` geometric from 1
+       down to about 1/32;
+    3. two rounds of a 5 x 5 grid moving ``lo`` and ``hi`` independently around the best so far, by
+       steps of a fifth of the current distance from the mean and then of a fifteenth.
 
-    Every candidate lies within ``[min, max]``. Returns float64 ``(lo, hi)`` in data coordinates.
+    218 candidates in all, each scored by :meth:`BinnedRows.expected_mse`: exactly, cell by cell, up to
+    4 bits; at 5-6 bits the 168 coarse candidates use the cheap uniform-noise score (a 32-64-level
+    quantizer's error is close to it, and the exact rounds that follow fix the detail) and the 50
+    refinement candidates the exact one; above 6 bits all use the uniform-noise score. Every candidate
+    lies within ``[min, max]``. Returns float64 ``(lo, hi)`` in data coordinates.
     """
     bits = check_bits(bits)
-    umin, umax = dist.minimum - dist.mean, dist.maximum - dist.mean
+    k = dist.rows
+    umin, umax = (dist.minimum - dist.mean)[:, None], (dist.maximum - dist.mean)[:, None]
     amax = np.maximum(np.maximum(-umin, umax), 0.0)
-    a = amax[:, None] * (np.arange(1, MSE_COARSE + 1) / MSE_COARSE)
-    lo, hi = dist._best(np.clip(-a, umin[:, None], umax[:, None]), np.clip(a, umin[:, None], umax[:, None]), bits)
-    delta = amax / MSE_COARSE
-    for half, scale in MSE_REFINE:
-        d = delta * scale
-        offs = np.arange(-half, half + 1)
-        lo_c = lo[:, None, None] + offs[None, :, None] * d[:, None, None]
-        hi_c = hi[:, None, None] + offs[None, None, :] * d[:, None, None]
+    a = amax * (np.arange(1, MSE_SYMMETRIC + 1) / MSE_SYMMETRIC)
+    frac = MSE_SIDE_RATIO ** np.arange(MSE_SIDE)
+    lo_grid = np.repeat(np.minimum(umin, 0.0) * frac, MSE_SIDE, axis=1)
+    hi_grid = np.tile(np.maximum(umax, 0.0) * frac, (1, MSE_SIDE))
+    lo_c = np.clip(np.concatenate([-a, lo_grid], axis=1), umin, umax)
+    hi_c = np.clip(np.concatenate([a, hi_grid], axis=1), umin, umax)
+    lo, hi = dist._best(lo_c, hi_c, bits, exact=bits <= MSE_EXACT_COARSE_BITS)
+    offs = np.arange(-2, 3) / 5.0
+    for scale in MSE_REFINE:
+        # steps proportional to each end's distance from the mean (at least a 1/120 of amax, so an
+        # end sitting at the mean can still move)
+        step_lo = np.maximum(np.abs(lo), amax[:, 0] / 120.0) * scale
+        step_hi = np.maximum(np.abs(hi), amax[:, 0] / 120.0) * scale
+        lo_c = lo[:, None, None] + offs[None, :, None] * step_lo[:, None, None]
+        hi_c = hi[:, None, None] + offs[None, None, :] * step_hi[:, None, None]
         lo_c, hi_c = np.broadcast_arrays(lo_c, hi_c)
-        k = lo.shape[0]
-        lo_c = np.clip(lo_c.reshape(k, -1), umin[:, None], umax[:, None])
-        hi_c = np.clip(hi_c.reshape(k, -1), umin[:, None], umax[:, None])
-        lo, hi = dist._best(lo_c, hi_c, bits)
-    # lo <= hi holds for every candidate, and clipping both ends into [min, max] keeps it so.
+        lo, hi = dist._best(np.clip(lo_c.reshape(k, -1), umin, umax), np.clip(hi_c.reshape(k, -1), umin, umax), bits, exact=bits <= MSE_EXACT_BITS)
+    # lo <= hi holds for the chosen candidate, and clipping both ends into [min, max] keeps it so.
     return np.clip(dist.mean + lo, dist.minimum, dist.maximum), np.clip(dist.mean + hi, dist.minimum, dist.maximum)
 
 

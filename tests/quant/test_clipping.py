@@ -218,6 +218,20 @@ def test_mse_range_beats_naive_and_aciq_on_heavy_tails():
             assert err < min(naive, aciq)
 
 
+def test_mse_range_finds_the_asymmetric_optimum_of_an_outlier_channel():
+    """A bulk within about +-1 plus a few tokens at +12 (DeiT's outlier channels): the optimum at 2 bits
+    is far from symmetric about the mean. Compare with a brute-force grid over [min, max]^2."""
+    rng = np.random.default_rng(12)
+    x = rng.laplace(0.0, 0.3, 4000)
+    x[rng.choice(4000, 12, replace=False)] = rng.uniform(10, 13, 12)
+    x = x.astype(np.float32)
+    grid = np.linspace(x.min(), x.max(), 61)
+    brute = min(quantization_mse(x, a, b, 2) for a in grid for b in grid if b > a)
+    lo, hi = mse_range(x, 2, per_channel=False)
+    assert quantization_mse(x, lo, hi, 2) <= 1.02 * brute
+    assert quantization_mse(x, lo, hi, 2) < quantization_mse(x, *naive_range(x), 2)
+
+
 # ------------------------------------------------------------------------------------ edge cases
 
 
