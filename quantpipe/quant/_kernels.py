@@ -207,7 +207,7 @@ def encode_into(x: np.ndarray, lo: np.ndarray, inv: np.ndarray, bits: int, out: 
         bits: 1..8 or 16 (validated by the caller).
         out: uint8 array of exactly ``ceil(x.size * bits / 8)`` bytes.
     """
-    x = _readonly(x)
+    x, lo, inv = _readonly(x), _readonly(lo), _readonly(inv)
     if bits == 16:
         return int(_encode_wide(x, lo, inv, out))
     return int(_encode_narrow(x, lo, inv, bits, out))
@@ -330,7 +330,7 @@ def decode_into(buf: np.ndarray, step: np.ndarray, lo: np.ndarray, bits: int, y:
         bits: 1..8 or 16 (validated by the caller).
         y: 1-D C-contiguous float32 output.
     """
-    buf = _readonly(buf)
+    buf, step, lo = _readonly(buf), _readonly(step), _readonly(lo)
     if bits == 16:
         _decode_wide(buf, step, lo, y)
     else:
@@ -344,6 +344,8 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     arrive both writable (a tensor from an engine) and read-only (a payload received from ZeroMQ), so
     the entry points always see read-only inputs: one compilation instead of two.
     """
+    if not a.flags.writeable:
+        return a
     view = a.view()
     view.flags.writeable = False
     return view

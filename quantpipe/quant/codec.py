@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
 
 from quantpipe.errors import ConfigError, MissingDependencyError, QuantpipeError
 from quantpipe.quant import packing, primitives
-from quantpipe.quant.primitives import WIRE_BITS, QuantizationInputError, check_bits, range_for_shape
+from quantpipe.quant.primitives import WIRE_BITS, QuantizationInputError, as_range, check_bits, range_for_shape
 
 __all__ = [
     "NonFiniteInputError",
@@ -100,11 +101,43 @@ def encoded_nbytes(n: int, bits: int) -> int:
     return 4 * int(n) if bits == 32 else packing.packed_nbytes(n, bits)
 
 
-def _tiled(a: np.ndarray, period: int) -> np.ndarray:
-    """A 0-d or ``[C]`` float32 range array repeated to ``period`` values (a multiple of ``C``)."""
-    if a.ndim == 0:
-        return np.full(period, a, dtype=np.float32)
-    return np.tile(a, period // a.shape[0])
+@dataclass(frozen=True)
+class _RowTables:
+    """A validated clip range prepared for the kernels: float32 arrays tiled to one kernel row, read-only."""
+
+    lo: np.ndarray
+    inverse: np.ndarray
+    step: np.ndarray
+
+
+@functools.lru_cache(maxsize=64)
+def _row_tables(bits: int, lo_shape: tuple, lo_bytes: bytes, hi_shape: tuple, hi_bytes: bytes) -> _RowTables:
+    """Validate and tile a clip range once; a daemon reuses a handful of (range, bitwidth) pairs.
+
+    Validating, computing the steps and tiling costs tens of microseconds, as much as encoding a whole
+    [197, 192] tensor, so it is cached by value. Invalid ranges raise and are never cached.
+    """
+    kernels = _load_kernels()
+    lo_a, hi_a = as_range(np.frombuffer(lo_bytes, np.float32).reshape(lo_shape),
+                          np.frombuffer(hi_bytes, np.float32).reshape(hi_shape))
+    step, inverse = primitives.step_and_inverse(lo_a, hi_a, bits)
+    period = kernels.row_period(lo_a.shape[0] if lo_a.ndim else 1)
+
+    def tiled(a: np.ndarray) -> np.ndarray:
+        t = np.full(period, a, dtype=np.float32) if a.ndim == 0 else np.tile(a, period // a.shape[0])
+        t.flags.writeable = False
+        return t
+
+    return _RowTables(lo=tiled(lo_a), inverse=tiled(inverse), step=tiled(step))
+
+
+def _tables_for(shape: tuple[int, ...], lo, hi, bits: int) -> _RowTables:
+    """The cached kernel tables of ``(lo, hi)`` at ``bits`` for a tensor of ``shape`` (validated)."""
+    lo_a = np.asarray(lo, dtype=np.float32)
+    hi_a = np.asarray(hi, dtype=np.float32)
+    if lo_a.ndim == 1 and (not shape or lo_a.shape[0] != shape[-1]):
+        range_for_shape(shape, lo_a, hi_a)  # raises the precise error
+    return _row_tables(bits, lo_a.shape, lo_a.tobytes(), hi_a.shape, hi_a.tobytes())
 
 
 def _check_out(out: np.ndarray, dtype: np.dtype, size: int, what: str) -> None:
@@ -113,8 +146,8 @@ def _check_out(out: np.ndarray, dtype: np.dtype, size: int, what: str) -> None:
             f"out= must be a {np.dtype(dtype).name} numpy array of {size} elements for {what}, "
             f"got {type(out).__name__} {getattr(out, 'dtype', '')} of {getattr(out, 'size', '?')} elements"
         )
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise QuantizationInputError("out= must be a writable C-contiguous array: allocate it with np.empty")
+    if not (out.flags.c_contiguous and out.flags.aligned and out.flags.writeable):
+        raise QuantizationInputError("out= must be a writable, aligned, C-contiguous array: allocate it with np.empty")
 
 
 def encode(
@@ -159,17 +192,16 @@ def encode(
         return out
     if lo is None or hi is None:
         raise QuantizationInputError(f"encoding at {bits} bits needs a clip range (lo, hi)")
-    lo_a, hi_a = range_for_shape(x.shape, lo, hi)
     kernels = _kernels_or_none()
     if kernels is None or x.size == 0:
+        lo_a, hi_a = range_for_shape(x.shape, lo, hi)
         codes = primitives.quantize(x, lo_a, hi_a, bits)
         nan_count = int(np.count_nonzero(np.isnan(x))) if not allow_nan else 0
         if not nan_count:
             dest[:] = packing.pack(codes, bits)
     else:
-        _, inverse = primitives.step_and_inverse(lo_a, hi_a, bits)
-        period = kernels.row_period(lo_a.shape[0] if lo_a.ndim else 1)
-        nan_count = kernels.encode_into(x.reshape(-1), _tiled(lo_a, period), _tiled(inverse, period), bits, dest)
+        tables = _tables_for(x.shape, lo, hi, bits)
+        nan_count = kernels.encode_into(x.reshape(-1), tables.lo, tables.inverse, bits, dest)
     if nan_count and not allow_nan:
         raise NonFiniteInputError(nan_count)
     return dest if out is None else out
@@ -219,17 +251,16 @@ def decode(
         return result
     if lo is None or hi is None:
         raise QuantizationInputError(f"decoding at {bits} bits needs a clip range (lo, hi)")
-    lo_a, hi_a = range_for_shape(shape, lo, hi)
     kernels = _kernels_or_none()
     if kernels is None or n == 0:
+        lo_a, hi_a = range_for_shape(shape, lo, hi)
         x = primitives.dequantize(packing.unpack(buf, n, bits).reshape(shape), lo_a, hi_a, bits)
         if out is None:
             return x
         np.copyto(result, x)
         return result
+    tables = _tables_for(shape, lo, hi, bits)
     if out is None:
         result = np.empty(shape, dtype=np.float32)
-    step, _ = primitives.step_and_inverse(lo_a, hi_a, bits)
-    period = kernels.row_period(lo_a.shape[0] if lo_a.ndim else 1)
-    kernels.decode_into(buf, _tiled(step, period), _tiled(lo_a, period), bits, result.reshape(-1))
+    kernels.decode_into(buf, tables.step, tables.lo, bits, result.reshape(-1))
     return result

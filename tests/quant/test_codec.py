@@ -251,6 +251,20 @@ class TestContract:
         with pytest.raises(QuantizationInputError, match="0-d tensor"):
             codec.encode(np.float32(1), 4, np.zeros(2), np.ones(2))
 
+    def test_ranges_are_taken_by_value(self):
+        """The fast path caches prepared ranges: editing the caller's array in place must still count."""
+        x = np.linspace(-2, 2, 64, dtype=np.float32).reshape(8, 8)
+        lo, hi = np.full(8, -1, np.float32), np.full(8, 1, np.float32)
+        first = codec.encode(x, 4, lo, hi)
+        lo[3], hi[5] = -2.0, 0.5
+        np.testing.assert_array_equal(codec.encode(x, 4, lo, hi), _reference_bytes(x, 4, lo, hi))
+        assert not np.array_equal(codec.encode(x, 4, lo, hi), first)
+        y = codec.decode(first, x.shape, 4, lo, hi)
+        assert _same_floats(y, _reference_floats(first, x.shape, 4, lo, hi))
+        for _ in range(2):  # a rejected range is rejected every time, never remembered
+            with pytest.raises(QuantizationInputError, match="inverted"):
+                codec.encode(x, 4, hi, lo)
+
     def test_wrong_payload_length_is_rejected(self):
         codec.decode(bytes(4), (3, 3), 3, 0.0, 1.0)  # 9 codes of 3 bits: exactly 4 bytes
         for size in [3, 5]:
