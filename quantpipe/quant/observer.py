@@ -10,8 +10,9 @@ Calibration forwards many images through a stage and feeds each boundary batch `
   every ``|x|`` seen. A value goes to bin ``floor(x / w) + bins/2`` with ``w = 2R / bins`` a power of two,
   so the index is computed exactly. When a larger value arrives, ``R`` doubles (as often as needed) and
   adjacent bin pairs merge: ``floor(floor(x/w) / 2) == floor(x / 2w)``, so the histogram is exactly the
-  one a single pass at the final ``R`` would have built. Hence :meth:`merge` equals a single pass, bit
-  for bit, whatever the order of the batches.
+  one a single pass at the final ``R`` would have built. Hence :meth:`merge` equals a single pass
+  whatever the order of the batches: histograms, min and max bit for bit, mean and variance to float64
+  rounding.
 
 From these, :meth:`ranges` computes every method of :data:`quantpipe.quant.clipping.METHODS`:
 
@@ -20,8 +21,11 @@ From these, :meth:`ranges` computes every method of :data:`quantpipe.quant.clipp
   over its width (bins straddling the mean are split), a relative error of order ``(w / b)^2``;
 * ``ds_aciq``: the paper's 200-bin histogram over the exact ``[min, max]``, derived from the fine one by
   splitting each fine bin's count uniformly over the coarse bins it overlaps. Only coarse edges that fall
-  inside a fine bin are approximate, by at most one fine bin's count; with the default grid a coarse
-  bin spans many fine bins for all but very offset channels;
+  inside a fine bin are approximate, by at most one fine bin's count. A channel has
+  ``bins * (max - min) / 2R`` fine bins over its data, thousands for a channel centred near 0 but only
+  ~100 for one whose values sit in a narrow band far from 0 (e.g. 5 +- 0.1); there the derived
+  histogram is a smoothed version of the exact one. On DeiT-Tiny boundaries the resulting ``ds_aciq_pc``
+  ranges were within 0.3 % of the raw-array ones;
 * ``mse_pc``: the MSE search of :func:`quantpipe.quant.clipping.mse_search` run on the fine histogram,
   coarsened to the raw path's :data:`~quantpipe.quant.clipping.MSE_HIST_BINS` bins (the search's cost
   grows with the bins; its optimum is flat, so the MSE it reaches, not the range, is what matches).
