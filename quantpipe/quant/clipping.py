@@ -639,8 +639,10 @@ def mse_range(x, bits: int, per_channel: bool = True, *, bins: int = MSE_HIST_BI
     histogram bin (see there for the grid).
     """
     bits = check_bits(bits)
+    if isinstance(bins, bool) or int(bins) != bins or bins < 2:
+        raise ValueError(f"bins must be an integer >= 2, got {bins!r}")
     rows = _rows(x, per_channel)
-    dist = BinnedRows.from_rows(rows, bins)
+    dist = BinnedRows.from_rows(rows, int(bins))
     lo, hi = mse_search(dist, bits)
     return _out(lo, hi, per_channel)
 
@@ -672,7 +674,10 @@ def clip_range(x, method: str, bits: int):
 
 
 def quantization_mse(x, lo, hi, bits: int) -> float:
-    """Mean squared error of ``dequantize(quantize(x, lo, hi, bits))`` against ``x`` (float64 sum)."""
+    """Mean squared error of ``dequantize(quantize(x, lo, hi, bits))`` against ``x`` (float64 sum).
+
+    ``x`` is taken as float32 (the boundary's type); a NaN in ``x`` makes the result NaN.
+    """
     x32 = np.asarray(x, dtype=np.float32)
     xh = primitives.dequantize(primitives.quantize(x32, lo, hi, bits), lo, hi, bits)
     diff = xh.astype(np.float64) - x32

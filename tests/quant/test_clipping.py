@@ -268,6 +268,11 @@ def test_calibration_data_error_is_user_facing():
     assert issubclass(CalibrationDataError, QuantpipeError)
 
 
+def test_bad_histogram_size_raises():
+    with pytest.raises(ValueError, match="bins"):
+        mse_range(np.ones((4, 2), np.float32), 4, bins=1)
+
+
 def test_unknown_method_raises_config_error():
     with pytest.raises(ConfigError, match="naive"):
         clip_range(np.ones(3, np.float32), "minmax", 4)
