@@ -117,14 +117,31 @@ def _pack_groups(codes, k, bits, out):
     elif bits == 8:
         for g in range(k):
             out[g] = codes[g]
-    # 3, 5, 6, 7 bits: one call site per width so that LLVM, inlining, sees `bits` as a constant and
-    # unrolls the byte loops.
     elif bits == 3:
-        _pack_octets(codes, k, 3, out)
+        # 8 codes -> 24 bits -> 3 bytes
+        w64 = codes.view(np.uint64)
+        for g in range(k >> 3):
+            u = w64[g]
+            w = np.uint64(0)
+            for j in range(8):
+                w |= ((u >> np.uint64(8 * j)) & np.uint64(7)) << np.uint64(3 * j)
+            out[3 * g] = np.uint8(w & np.uint64(0xFF))
+            out[3 * g + 1] = np.uint8((w >> np.uint64(8)) & np.uint64(0xFF))
+            out[3 * g + 2] = np.uint8((w >> np.uint64(16)) & np.uint64(0xFF))
+    elif bits == 6:
+        # 4 codes -> 24 bits -> 3 bytes
+        w32 = codes.view(np.uint32)
+        for g in range(k >> 2):
+            u = w32[g]
+            w = ((u & np.uint32(0x3F)) | ((u >> np.uint32(2)) & np.uint32(0xFC0))
+                 | ((u >> np.uint32(4)) & np.uint32(0x3F000)) | ((u >> np.uint32(6)) & np.uint32(0xFC0000)))
+            out[3 * g] = np.uint8(w & np.uint32(0xFF))
+            out[3 * g + 1] = np.uint8((w >> np.uint32(8)) & np.uint32(0xFF))
+            out[3 * g + 2] = np.uint8(w >> np.uint32(16))
+    # 5 and 7 bits: one call site per width so that LLVM, inlining, sees `bits` as a constant and
+    # unrolls the byte loops.
     elif bits == 5:
         _pack_octets(codes, k, 5, out)
-    elif bits == 6:
-        _pack_octets(codes, k, 6, out)
     else:
         _pack_octets(codes, k, 7, out)
 
@@ -252,11 +269,23 @@ def _unpack_groups(buf, k, bits, codes):
         for g in range(k):
             codes[g] = buf[g]
     elif bits == 3:
-        _unpack_octets(buf, k, 3, codes)
+        w64 = codes.view(np.uint64)
+        for g in range(k >> 3):
+            w = (np.uint64(buf[3 * g]) | (np.uint64(buf[3 * g + 1]) << np.uint64(8))
+                 | (np.uint64(buf[3 * g + 2]) << np.uint64(16)))
+            x = np.uint64(0)
+            for j in range(8):
+                x |= ((w >> np.uint64(3 * j)) & np.uint64(7)) << np.uint64(8 * j)
+            w64[g] = x
+    elif bits == 6:
+        w32 = codes.view(np.uint32)
+        for g in range(k >> 2):
+            w = (np.uint32(buf[3 * g]) | (np.uint32(buf[3 * g + 1]) << np.uint32(8))
+                 | (np.uint32(buf[3 * g + 2]) << np.uint32(16)))
+            w32[g] = ((w & np.uint32(0x3F)) | ((w << np.uint32(2)) & np.uint32(0x3F00))
+                      | ((w << np.uint32(4)) & np.uint32(0x3F0000)) | ((w << np.uint32(6)) & np.uint32(0x3F000000)))
     elif bits == 5:
         _unpack_octets(buf, k, 5, codes)
-    elif bits == 6:
-        _unpack_octets(buf, k, 6, codes)
     else:
         _unpack_octets(buf, k, 7, codes)
 
