@@ -12,10 +12,12 @@ How it stays fast and exact:
   ``j % C`` of a row's value ``j`` is the same in every row). The per-channel ranges are tiled to ``P``
   once per call (:func:`row_period`, done by the caller), so the inner loops are plain, branch-free
   loops over contiguous arrays that LLVM vectorizes.
-* A row is quantized into a small code buffer that stays in L1, then packed (8 codes -> ``b`` bytes)
-  with special cases for ``b`` = 1, 2, 4 (whole codes per byte) and 8 / 16 (no buffer). The last,
-  partial row goes through the same loops; only its final incomplete group of 8 codes goes through an
-  8-code scratch buffer. Decode mirrors this.
+* A row is quantized into a small code buffer that stays in L1, then packed: the buffer is read as
+  little-endian words of 2, 4 or 8 codes, each squeezed into 1 byte (1, 2, 4 bits) or 3 bytes (3, 6
+  bits) with a few shifts and masks, which LLVM vectorizes; 5 and 7 bits go through one 64-bit word per
+  8 codes; at 8 and 16 bits the codes are the stream. The last, partial row goes through the same loops,
+  its final group of 8 padded with code 0, into a scratch row of which only the bytes the stream needs
+  are copied out. Decode mirrors all of this.
 * float32 arithmetic in the reference's order. ``fastmath`` stays off: contracting ``q * s + lo`` into
   an FMA, or reassociating, would change results in the last bit.
 * Quantization is rewritten branch-free but provably equal to the reference
@@ -53,6 +55,8 @@ def row_period(channels: int) -> int:
 
     A multiple of 8 and of ``channels``, at least about :data:`_TARGET_ROW` values.
     """
+    if channels < 1:
+        raise ValueError(f"row_period needs at least one channel, got {channels}")
     base = channels * 8 // math.gcd(channels, 8)
     return base * max(1, -(-_TARGET_ROW // base))
 
@@ -224,6 +228,7 @@ def encode_into(x: np.ndarray, lo: np.ndarray, inv: np.ndarray, bits: int, out: 
         bits: 1..8 or 16 (validated by the caller).
         out: uint8 array of exactly ``ceil(x.size * bits / 8)`` bytes.
     """
+    _check_arrays(x, lo, inv, bits, out)
     x, lo, inv = _readonly(x), _readonly(lo), _readonly(inv)
     if bits == 16:
         return int(_encode_wide(x, lo, inv, out))
@@ -359,11 +364,28 @@ def decode_into(buf: np.ndarray, step: np.ndarray, lo: np.ndarray, bits: int, y:
         bits: 1..8 or 16 (validated by the caller).
         y: 1-D C-contiguous float32 output.
     """
+    _check_arrays(y, lo, step, bits, buf)
     buf, step, lo = _readonly(buf), _readonly(step), _readonly(lo)
     if bits == 16:
         _decode_wide(buf, step, lo, y)
     else:
         _decode_narrow(buf, step, lo, bits, y)
+
+
+def _check_arrays(values: np.ndarray, lo: np.ndarray, table: np.ndarray, bits: int, stream: np.ndarray) -> None:
+    """Refuse arrays the kernels would overrun (they run without bounds checks) or recompile for."""
+    ok = (
+        values.dtype == np.float32 and values.ndim == 1 and values.flags.c_contiguous
+        and stream.dtype == np.uint8 and stream.ndim == 1 and stream.flags.c_contiguous
+        and stream.size == (values.size * bits + 7) // 8
+        and lo.dtype == table.dtype == np.float32 and lo.shape == table.shape and lo.ndim == 1
+        and lo.size % 8 == 0 and lo.size > 0
+    )
+    if not ok or bits not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
+        raise ValueError(
+            "codec kernel arguments do not fit: flat float32 values, a uint8 stream of ceil(n * bits / 8) "
+            "bytes and two float32 range tables of row_period(C) values (use quantpipe.quant.codec)"
+        )
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:

@@ -279,3 +279,21 @@ def test_encoded_nbytes():
     assert codec.encoded_nbytes(64 * 197 * 768, 4) == 4841472
     assert codec.encoded_nbytes(10, 32) == 40
     assert codec.encoded_nbytes(3, 3) == 2
+
+
+def test_kernels_refuse_arrays_they_would_overrun(fast):
+    """The kernels run without bounds checks: their entry points check sizes and dtypes first."""
+    from quantpipe.quant import _kernels
+
+    period = _kernels.row_period(3)
+    assert period % 8 == 0 and period % 3 == 0
+    table = np.zeros(period, np.float32)
+    x = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernels.encode_into(x, table, table, 3, np.empty(3, np.uint8))  # needs 4 bytes
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernels.encode_into(x.astype(np.float64), table, table, 3, np.empty(4, np.uint8))
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernels.decode_into(np.zeros(4, np.uint8), table[:-1], table[:-1], 3, x)
+    with pytest.raises(ValueError, match="do not fit"):
+        _kernels.decode_into(np.zeros(4, np.uint8), table, table, 9, x)
