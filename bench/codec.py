@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/codec.py            # the table: [64, 197, 768] float32, per-channel ranges, best of 10
+    python bench/codec.py            # the table: [64, 197, 768] float32, per-channel ranges, best of 20
     python bench/codec.py --json     # the same, machine-readable
     python bench/codec.py --per-tensor --bits 2,4,8
 
@@ -17,4 +17,4 @@ import sys
 from quantpipe.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", "codec", "--shape", "64,197,768", "--bits", "2,3,4,6,8,16", "--repeat", "10", *sys.argv[1:]]))
+    sys.exit(main(["bench", "codec", "--shape", "64,197,768", "--bits", "2,3,4,6,8,16", "--repeat", "20", *sys.argv[1:]]))

@@ -195,7 +195,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor shape, comma-separated (default: %(default)s, a ViT-Base microbatch of 64)")
     parser.add_argument("--bits", default=",".join(map(str, DEFAULT_BITS)),
                         help="bitwidths to measure, comma-separated, from 1-8, 16, 32 (default: %(default)s)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement; the best counts (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs per measurement; the best counts (default: %(default)s)")
     parser.add_argument("--per-tensor", action="store_true", help="one clip range for the whole tensor instead of one per channel")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic activations (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")

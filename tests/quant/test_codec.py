@@ -297,3 +297,29 @@ def test_kernels_refuse_arrays_they_would_overrun(fast):
         _kernels.decode_into(np.zeros(4, np.uint8), table[:-1], table[:-1], 3, x)
     with pytest.raises(ValueError, match="do not fit"):
         _kernels.decode_into(np.zeros(4, np.uint8), table, table, 9, x)
+
+
+def test_bench_codec_command(capsys):
+    """``quantpipe bench`` lists the benchmarks; ``bench codec --json`` reports every requested width."""
+    import json
+
+    from quantpipe.cli import main
+    from quantpipe.wire import HEADER_SIZE
+
+    assert main(["bench"]) == 0
+    assert "codec" in capsys.readouterr().out
+    assert main(["bench", "codec", "--shape", "2,5,12", "--bits", "3,8,32", "--repeat", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == codec.backend() and report["values"] == 120
+    assert [r["bits"] for r in report["results"]] == [3, 8, 32]
+    for r in report["results"]:
+        assert r["ideal_bytes"] == -(-120 * r["bits"] // 8)
+        assert r["frame_bytes"] == r["ideal_bytes"] + HEADER_SIZE and r["overhead_bytes"] == HEADER_SIZE
+        assert r["encode_gbps"] > 0 and r["decode_vs_copy"] > 0
+    assert report["target"]["bits"] == [8]
+    assert main(["bench", "codec", "--shape", "2,5,12", "--bits", "2", "--repeat", "1", "--per-tensor"]) == 0
+    assert "per-tensor ranges" in capsys.readouterr().out
+    assert main(["bench", "codec", "--bits", "9"]) == 1
+    assert "not supported" in capsys.readouterr().err
+    assert main(["bench", "nosuch"]) == 1
+    assert "unknown benchmark" in capsys.readouterr().err
