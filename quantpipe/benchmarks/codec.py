@@ -83,7 +83,7 @@ def _seconds(fn: Callable[[], object]) -> float:
 def measure(
     shape: tuple[int, ...] = DEFAULT_SHAPE,
     bits_list: tuple[int, ...] = DEFAULT_BITS,
-    repeat: int = 10,
+    repeat: int = 20,
     per_tensor: bool = False,
     seed: int = 0,
 ) -> dict:
