@@ -180,7 +180,6 @@ def encode(
     nbytes = encoded_nbytes(x.size, bits)
     if out is not None:
         _check_out(out, np.dtype(np.uint8), nbytes, f"{x.size} values at {bits} bits")
-    dest = out.reshape(-1) if out is not None else np.empty(nbytes, dtype=np.uint8)
     if bits == 32:
         # min() propagates NaN and allocates nothing: a cheap test before an exact count.
         if not allow_nan and x.size and np.isnan(x.min()):
@@ -188,10 +187,11 @@ def encode(
         raw = x.reshape(-1).view(np.uint8)
         if out is None:
             return raw
-        np.copyto(dest, raw)
+        np.copyto(out.reshape(-1), raw)
         return out
     if lo is None or hi is None:
         raise QuantizationInputError(f"encoding at {bits} bits needs a clip range (lo, hi)")
+    dest = out.reshape(-1) if out is not None else np.empty(nbytes, dtype=np.uint8)
     kernels = _kernels_or_none()
     if kernels is None or x.size == 0:
         lo_a, hi_a = range_for_shape(x.shape, lo, hi)
