@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"quantpipe {name}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `quantpipe bench codec | head`: the reader went away; not an error of ours.
+        sys.stderr.close()
+        return 0
     return int(code or 0)
 
 
