@@ -100,7 +100,7 @@ def parse_int_list(text: str, what: str) -> list[int]:
     return values
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, logger: logging.Logger = log):
     """A tqdm bar on a terminal; plain periodic log lines otherwise (CI logs, pipes)."""
     try:
         from tqdm import tqdm
@@ -118,7 +118,7 @@ def _progress(total: int, desc: str):
             now = time.monotonic()
             if now - self.last > 10 or self.n >= total:
                 self.last = now
-                log.info("%s: %d/%d images (%.1f img/s)", desc, self.n, total, self.n / max(now - self.t0, 1e-9))
+                logger.info("%s: %d/%d images (%.1f img/s)", desc, self.n, total, self.n / max(now - self.t0, 1e-9))
 
         def close(self) -> None:
             pass

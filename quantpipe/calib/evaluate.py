@@ -106,7 +106,7 @@ def evaluate(
     sse = {(b, m, k): 0.0 for b in range(nb) for m in methods for k in qbits}
     sumsq = [0.0] * nb
     labelled = dataset.labelled
-    bar = _progress(len(dataset), "evaluate")
+    bar = _progress(len(dataset), "evaluate", log)
     try:
         for batch in iter_batches(dataset, chain.preprocess, batch_size, workers=workers):
             labels = batch.labels
