@@ -65,12 +65,18 @@ class BandwidthEstimator:
 
     Args:
         window: acknowledged microbatches per policy window (the paper's N).
+        max_window_s: also close a window after this many seconds if it holds at least one ack. When a
+            link collapses, N acknowledgements of frames sized for the old rate can take many times the
+            nominal window; the cap bounds how stale the policy's view gets (None: the paper's rule only).
     """
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, max_window_s: float | None = None) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1 microbatch, got {window}")
+        if max_window_s is not None and not max_window_s > 0:
+            raise ValueError(f"max_window_s must be > 0, got {max_window_s}")
         self.window = window
+        self.max_window_s = max_window_s
         self._outstanding = 0
         self._busy_since: float | None = None
         self._last_estimate = 0.0
@@ -121,7 +127,8 @@ class BandwidthEstimator:
         self._bytes += nbytes
         self._fp32 += fp32_bytes
         self._bytes_by_bits[bits] = self._bytes_by_bits.get(bits, 0) + nbytes
-        if self._mb < self.window:
+        timed_out = self.max_window_s is not None and self._start is not None and now - self._start >= self.max_window_s
+        if self._mb < self.window and not timed_out:
             return None
         busy = self._busy + (now - self._busy_since if self._busy_since is not None else 0.0)
         stats = WindowStats(

@@ -55,12 +55,13 @@ class Pipeline:
     Args:
         cfg: resolved config.
         out: output directory.
-        ns_prefix: namespace name prefix for ``netns`` shaping (unique per run).
+        ns_prefix: namespace name prefix for ``netns`` shaping (default ``$QP_NS_PREFIX``, else one
+            derived from the process id, so concurrent runs do not collide).
     """
 
     def __init__(self, cfg: PipelineConfig, out: Path, *, ns_prefix: str = "") -> None:
         self.out = out
-        self.ns_prefix = ns_prefix or f"qp{os.getpid() % 100000}"
+        self.ns_prefix = ns_prefix or os.environ.get("QP_NS_PREFIX") or f"qp{os.getpid() % 100000}"
         self.netns = cfg.shaping == "netns" and cfg.schedule is not None
         self.namespaces: list[str] = []
         if self.netns:
@@ -134,9 +135,20 @@ class Pipeline:
             if time.monotonic() > deadline:
                 raise QuantpipeError(f"stages not ready after {ready_timeout_s:g} s; see {self.out / 'logs'}")
             time.sleep(0.1)
-        self.t0 = time.time()
+        started = self.out / "source-started.json"
+        started.unlink(missing_ok=True)
         self._spawn("source", [*py, "quantpipe.runtime.source", "--config", str(config),
-                               "--labels", str(self.out / "labels.jsonl")], self.cfg.stages[0].namespace)
+                               "--labels", str(self.out / "labels.jsonl"), "--started", str(started)],
+                    self.cfg.stages[0].namespace)
+        while not started.is_file():  # t = 0 is the first microbatch, not the source's interpreter start
+            self._check_alive()
+            if self.procs["source"].poll() is not None:
+                raise QuantpipeError(f"the source exited with code {self.procs['source'].returncode}; "
+                                     f"see {self.out / 'logs' / 'source.log'}")
+            if time.monotonic() > deadline + 120:
+                raise QuantpipeError(f"the source did not start; see {self.out / 'logs' / 'source.log'}")
+            time.sleep(0.02)
+        self.t0 = json.loads(started.read_text())["t"]
 
     def _check_alive(self) -> None:
         for name, p in self.procs.items():
@@ -200,9 +212,6 @@ class Pipeline:
     def report(self) -> dict[str, Any]:
         """Write timeline.csv/png and summary.json; return the summary."""
         results = timeline.read_jsonl(self.out / "results.jsonl")
-        # t = 0 is when the first microbatch left the source (not when its process started).
-        firsts = [r["t"] - r["latency_ms"] / 1000 for r in results if "latency_ms" in r]
-        self.t0 = min(firsts) if firsts else self.t0
         elapsed = max(1e-9, max([r.get("t", 0) for r in results] + [self.t0]) - self.t0)
         summ = timeline.summary(self.out, self.t0, elapsed)
         sched = self.cfg.schedule

@@ -23,7 +23,8 @@ The protocol on a link (all headers are :mod:`quantpipe.wire` headers, validated
 * ``ACK [header]`` (``seq`` = the accepted microbatch, ``first_id`` = the receiver's incarnation) is
   sent after the receiver has validated the frame and taken it into its data path. It frees one
   **credit**: a sender never has more than ``window`` microbatches unacknowledged, which bounds the
-  memory of every hop however slow the link or the next stage is. The same acks drive the **bandwidth
+  memory of every hop however slow the link or the next stage is (and, once the bandwidth is known,
+  no more than ``inflight_delay_s`` worth of bytes, so a link that slows down drains quickly). The same acks drive the **bandwidth
   measurement** (:mod:`quantpipe.runtime.bandwidth`: acknowledged bytes over busy time).
 * ``HEARTBEAT [header]`` (``first_id`` = the sender's incarnation, a random number per process) goes
   both ways when a side has sent nothing to its peer for ``heartbeat_interval_s``. A peer silent for
@@ -69,6 +70,7 @@ class LinkOptions:
     heartbeat_interval_s: float = 0.5
     peer_timeout_s: float = 3.0
     max_message_bytes: int = 256 * 1024 * 1024
+    inflight_delay_s: float = 0.1
 
 
 def _incarnation() -> int:
@@ -98,12 +100,13 @@ class LinkSender:
         options: window and timers.
         stage: this process's stage index (the source is :data:`wire.SOURCE_STAGE`).
         policy_window: acknowledged microbatches per bandwidth window.
+        max_window_s: time cap of a bandwidth window (see :class:`BandwidthEstimator`).
         shaper: optional emulated link (token bucket); None sends at the network's own speed.
         clock: monotonic seconds (injectable for tests).
     """
 
     def __init__(self, ctx: zmq.Context, address: str, options: LinkOptions, *, stage: int,
-                 policy_window: int = 10, shaper: TokenBucket | None = None,
+                 policy_window: int = 10, max_window_s: float | None = None, shaper: TokenBucket | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.address = address
         self.options = options
@@ -111,7 +114,7 @@ class LinkSender:
         self.shaper = shaper
         self.clock = clock
         self.incarnation = _incarnation()
-        self.estimator = BandwidthEstimator(policy_window)
+        self.estimator = BandwidthEstimator(policy_window, max_window_s)
         self.peer_incarnation = 0
         self.resends = 0
         self.sock = ctx.socket(zmq.DEALER)
@@ -123,6 +126,7 @@ class LinkSender:
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # only small control messages come back
         self.sock.connect(address)
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._inflight_bytes = 0
         now = clock()
         self._last_heard = -1e18
         self._last_sent = now - options.heartbeat_interval_s
@@ -135,7 +139,15 @@ class LinkSender:
         return len(self._pending)
 
     def has_credit(self) -> bool:
-        return len(self._pending) < self.options.window
+        """Room for one more microbatch: fewer than ``window`` unacked, and (once the bandwidth is
+        known) less than ``inflight_delay_s`` worth of bytes unacked. The byte bound keeps the data
+        committed at the current bitwidth small when the link slows down: after a 10x drop, what is
+        already in flight takes 10x longer to drain, and the new bitwidth only helps after that."""
+        if len(self._pending) >= self.options.window:
+            return False
+        limit = self.estimator.estimate * self.options.inflight_delay_s
+        # Two frames are always allowed: with one, the link idles for a round trip after every frame.
+        return len(self._pending) < 2 or limit <= 0 or self._inflight_bytes < limit
 
     def peer_alive(self) -> bool:
         return self.clock() - self._last_heard < self.options.peer_timeout_s
@@ -159,6 +171,7 @@ class LinkSender:
         nbytes = sum(len(memoryview(f).cast("B")) if not isinstance(f, bytes) else len(f) for f in frames)
         p = _Pending(seq, frames, nbytes, images, bits, fp32_bytes, measured)
         self._pending[seq] = p
+        self._inflight_bytes += nbytes
         if measured:
             self.estimator.on_send(self.clock())
         self._transmit_queued()
@@ -218,6 +231,8 @@ class LinkSender:
             self._resend_all()
         if header.msg_type == wire.MsgType.ACK:
             p = self._pending.pop(header.seq, None)
+            if p is not None:
+                self._inflight_bytes -= p.nbytes
             if p is not None and p.measured:
                 stats = self.estimator.on_ack(now, p.nbytes, p.images, p.bits, p.fp32_bytes)
                 if stats is not None:

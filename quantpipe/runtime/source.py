@@ -1,7 +1,7 @@
 """The pipeline's source: reads images, batches them into numbered microbatches, feeds stage 0.
 
 Microbatch ``seq`` (0, 1, 2, ...) carries images ``first_id .. first_id + B - 1``; both numbers travel
-unchanged through every stage to the sink. The source offers ``rate`` images/s (default: the target
+unchanged through every stage to the sink. The source offers at most ``rate`` images/s (default: the target
 rate) and never has more than ``credits`` microbatches unacknowledged, so a slow pipeline slows the
 source instead of filling memory. Stage 0's input is float32 and unquantized (only boundaries between
 stages are quantized).
@@ -24,10 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -120,16 +122,31 @@ class Source:
             for i in range(self.cfg.source.count):
                 f.write(json.dumps({"id": i, "label": self.inputs.labels[i % n], "path": self.inputs.paths[i % n]}) + "\n")
 
-    def serve(self, drain_timeout_s: float = 60.0) -> int:
-        """Send everything, then wait until stage 0 acknowledged it. Returns the exit code."""
+    def serve(self, drain_timeout_s: float = 60.0, started: str = "") -> int:
+        """Send everything, then wait until stage 0 acknowledged it. Returns the exit code.
+
+        ``started``: a file that receives ``{"t": wall-clock time}`` just before the first microbatch
+        leaves (the launcher's t = 0 for schedules and the timeline).
+        """
         self.write_labels()
         period = self.cfg.microbatch / self.cfg.source_rate
-        start = time.monotonic()
+        start = t0 = time.monotonic()
+        if started:
+            tmp = Path(started + ".tmp")
+            tmp.write_text(json.dumps({"t": time.time()}))
+            os.replace(tmp, started)  # atomic: the launcher never reads half a file
         sent = 0
         for seq, first, x in self.microbatches():
             # Pace to the offered rate; keep the link serviced (acks, heartbeats) while waiting.
-            while not self.stopping and time.monotonic() < start + seq * period:
-                self.link.pump(min(0.01, max(0.0, start + seq * period - time.monotonic())))
+            due = start + seq * period
+            if time.monotonic() - due > 2 * period:
+                # Behind (the pipeline stalled): a live source, like a camera, does not replay at line
+                # rate the images it could not deliver in time; restart the clock instead of bursting,
+                # so the offered load never exceeds the rate.
+                start += time.monotonic() - due
+                due = start + seq * period
+            while not self.stopping and time.monotonic() < due:
+                self.link.pump(min(0.01, max(0.0, due - time.monotonic())))
             if self.stopping or not self.link.wait_credit(should_stop=lambda: self.stopping):
                 break
             frames = wire.encode_frame(x, seq=seq, first_id=first, stage=wire.SOURCE_STAGE, bits=32)
@@ -138,7 +155,7 @@ class Source:
             sent += len(x)
             self.link.pump(0.0)
         drained = self.link.drain(drain_timeout_s)
-        log.info("source: sent %d image(s) in %.1f s; %s", sent, time.monotonic() - start,
+        log.info("source: sent %d image(s) in %.1f s; %s", sent, time.monotonic() - t0,
                  "all acknowledged" if drained else f"{self.link.in_flight} microbatch(es) unacknowledged")
         self.link.close()
         return 0 if drained else 1
@@ -154,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, help="images to stream (overrides source.count)")
     parser.add_argument("--rate", type=float, help="images/s offered (overrides source.rate)")
     parser.add_argument("--labels", default="", help="write {id, label, path} JSON lines here")
+    parser.add_argument("--started", default="", help="write {\"t\": time} here just before the first send")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s source: %(message)s", datefmt="%H:%M:%S")
     try:
@@ -164,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, source.stop)
     signal.signal(signal.SIGINT, source.stop)
-    return source.serve()
+    return source.serve(started=args.started)
 
 
 if __name__ == "__main__":  # pragma: no cover

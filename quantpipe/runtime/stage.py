@@ -115,8 +115,11 @@ class StageDaemon:
         if self.schedule is not None:
             shaper = TokenBucket(self.schedule.rate_at(0) * MBIT, cfg.burst_bytes, time.monotonic())
         self.inbound = LinkReceiver(self.ctx, cfg.stages[k].address, opts, stage=k, on_reject=self.metrics.error)
+        # A window normally spans N microbatches; it is cut at twice its nominal duration so that a
+        # collapsing link is noticed within about two nominal windows (see BandwidthEstimator).
+        nominal_s = cfg.window * cfg.microbatch / cfg.target_rate
         self.outbound = LinkSender(self.ctx, cfg.downstream_address(k), opts, stage=k, policy_window=cfg.window,
-                                   shaper=shaper)
+                                   max_window_s=2 * nominal_s, shaper=shaper)
         self.events = Path(events) if events else None
         self.stopping = False
         self._stop_at = 0.0
@@ -250,11 +253,19 @@ class StageDaemon:
     def serve(self, drain_timeout_s: float = 10.0) -> int:
         """Run until :meth:`stop` (or SIGTERM), then drain the outbound link. Returns the exit code."""
         self.drain_timeout_s = drain_timeout_s
+        # One poller over both links: an ack is timed when it arrives, not when the daemon next looks
+        # (a late look would add its wait to the link's busy time and understate the bandwidth).
+        poller = zmq.Poller()
+        poller.register(self.inbound.sock, zmq.POLLIN)
+        poller.register(self.outbound.sock, zmq.POLLIN)
         while not self.stopping:
-            msg = self.inbound.receive(timeout_s=0.05)
+            ready = dict(poller.poll(10 if self.outbound.shaper is not None else 50))
             self.outbound.pump(0.0)
             self._apply_schedule()
-            if msg is not None:
+            msg = self.inbound.receive(timeout_s=0.0) if self.inbound.sock in ready else None
+            if msg is None:
+                self.inbound.service()
+            else:
                 if self.start_time is None:
                     self.start_time = time.time()
                     self._apply_schedule()
