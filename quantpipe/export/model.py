@@ -54,8 +54,9 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | Path | N
     module = timm.models.model_entrypoint(name).__module__
     if module not in _SUPPORTED_MODULES:
         raise ConfigError(
-            f"{name} is defined in {module}; quantpipe export supports timm's VisionTransformer family "
-            "(vit_*, deit_*, test_vit*), whose blocks can be cut into pipeline stages"
+            f"{name} is defined in {module}; quantpipe export supports the plain VisionTransformer models of "
+            "timm.models.vision_transformer and timm.models.deit (vit_*, deit_*, test_vit..test_vit4), whose "
+            "blocks can be cut into pipeline stages"
         )
     if pretrained and checkpoint is not None:
         raise ConfigError("give either --pretrained or --checkpoint, not both")

@@ -14,9 +14,10 @@ def test_unknown_model_suggests_close_names():
         create_model("deit_tiny_patch16_22")
 
 
-def test_non_vit_model_is_refused():
-    with pytest.raises(ConfigError, match="VisionTransformer family"):
-        create_model("resnet18")
+@pytest.mark.parametrize("name", ["resnet18", "test_vit_relpos"])
+def test_non_vit_model_is_refused(name):
+    with pytest.raises(ConfigError, match="plain VisionTransformer models"):
+        create_model(name)
 
 
 def test_pretrained_without_hub_suggests_checkpoint(monkeypatch):

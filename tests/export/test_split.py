@@ -63,3 +63,17 @@ def test_stage_chain_is_the_whole_model_bit_for_bit():
         ref = model(x)
     assert shapes[:-1] == [(3, 101, 64), (3, 101, 64)]  # one residual-stream tensor per boundary
     assert torch.equal(h, ref)
+
+
+@pytest.mark.parametrize("name", ["test_vit2", "test_vit3", "deit_tiny_distilled_patch16_224"])
+def test_variants_cut_exactly(name):
+    # register tokens + average pooling, attention-pool ("map") head, distillation token + two heads
+    model = create_model(name)
+    n = len(model.blocks)
+    stages = build_stages(model, [n // 3, 2 * n // 3])
+    x = torch.randn(2, *model.default_cfg["input_size"], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        h = x
+        for stage in stages:
+            h = stage(h)
+        assert torch.equal(h, model(x))
