@@ -159,13 +159,12 @@ def load_public_key(path: str | os.PathLike) -> bytes:
 def load_keypair(path: str | os.PathLike) -> KeyPair:
     """This process's key pair from its ``.key_secret`` file (refused if group/others can read it)."""
     path = Path(path)
-    if path.is_file():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise KeyFileError(f"{path} is readable by group or others (mode {mode:04o}): run 'chmod 600 {path}'")
     public, secret = _read(path)
     if secret is None:
         raise KeyFileError(f"{path} holds no secret key: pass the NAME{SECRET_SUFFIX} file, not NAME{PUBLIC_SUFFIX}")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise KeyFileError(f"{path} is readable by group or others (mode {mode:04o}): run 'chmod 600 {path}'")
     if not (_valid_key(public) and _valid_key(secret)):
         raise KeyFileError(f"{path} holds a malformed key pair: regenerate it with 'quantpipe keys generate'")
     if zmq.curve_public(secret) != public:
