@@ -233,6 +233,9 @@ def build_engine(
     config = builder.create_builder_config()
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    if not fp16 and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default and rounds matmul inputs to 10 mantissa bits; "fp32" should mean fp32.
+        config.clear_flag(trt.BuilderFlag.TF32)
     if fp16:
         if hasattr(trt.BuilderFlag, "FP16"):
             config.set_flag(trt.BuilderFlag.FP16)

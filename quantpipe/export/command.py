@@ -233,6 +233,9 @@ def run(args: argparse.Namespace) -> int:
             sources = _export_half_graphs(stages, graphs, out, args.opset, data_config)
         manifest.engines["tensorrt"] = build_stage_engines(sources, out / "engines", batch=batch, fp16=args.fp16,
                                                            progress=bar.update)
+        if not args.no_verify:
+            manifest.engines["tensorrt"]["verification"] = _verify_tensorrt(
+                manifest.engines["tensorrt"], out, model, inputs, min(args.verify_batch, batch[2]), args.fp16)
         timings["build_engines"] = time.perf_counter() - t0
     else:
         manifest.engines["onnxruntime"] = _onnxruntime_entry(manifest, args.threads)
@@ -279,6 +282,35 @@ def _export_half_graphs(stages: list[Any], graphs: list[Any], out: Path, opset: 
             raise QuantpipeError(f"the fp16 graph of stage {k} is too far from fp32: {comparison.line()}")
         example = reference
     return paths
+
+
+def _verify_tensorrt(entry: dict[str, Any], out: Path, model: Any, inputs: Any, batch_size: int,
+                     fp16: bool) -> dict[str, Any]:
+    """Run the built plans as a chain on the verification inputs and compare with torch.
+
+    fp32 plans are built without TF32, so they should agree with torch about as closely as onnxruntime;
+    fp16 plans are held to a cosine bound only, as fp16 rounding is far above the fp32 tolerance.
+    """
+    from quantpipe.engines.tensorrt import TensorRTEngine
+    from quantpipe.export.verify import compare_engine_chain
+
+    engines = [TensorRTEngine(out / s["plan"]) for s in entry["stages"]]
+    try:
+        comparison, agreement = compare_engine_chain(engines, model, inputs, batch_size,
+                                                     f"tensorrt {entry['precision']} chain vs torch model")
+    finally:
+        for engine in engines:
+            engine.close()
+    rtol, min_cosine = (5e-2, 0.999) if fp16 else (1e-3, 0.9999)
+    print(f"  {'ok  ' if comparison.passed(rtol, min_cosine) else 'FAIL'} {comparison.line()}, "
+          f"top-1 agreement {agreement * 100:.2f}%")
+    if not comparison.passed(rtol, min_cosine):
+        raise QuantpipeError(
+            f"the TensorRT engines do not reproduce the model (rel {comparison.rel:.2e} > {rtol:g} or cosine "
+            f"{comparison.min_cosine:.6f} < {min_cosine}); rebuild without --fp16 or report the model and TensorRT version"
+        )
+    return {"max_abs": comparison.max_abs, "rel": comparison.rel, "min_cosine": comparison.min_cosine,
+            "top1_agreement": agreement, "samples": comparison.samples}
 
 
 def _onnxruntime_entry(manifest: Any, threads: int | None) -> dict[str, Any]:

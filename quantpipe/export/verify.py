@@ -24,11 +24,19 @@ import numpy as np
 import onnx
 import torch
 
-from quantpipe.engines import load_engine
+from quantpipe.engines import Engine, load_engine
 from quantpipe.errors import QuantpipeError
 from quantpipe.export.data import VerifyInputs
 
-__all__ = ["Comparison", "VerifyReport", "check_graphs", "verify_stages", "DEFAULT_RTOL", "DEFAULT_MIN_COSINE"]
+__all__ = [
+    "Comparison",
+    "VerifyReport",
+    "check_graphs",
+    "verify_stages",
+    "compare_engine_chain",
+    "DEFAULT_RTOL",
+    "DEFAULT_MIN_COSINE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +200,30 @@ def verify_stages(
         report.accuracy_torch = correct_torch / labelled
         report.accuracy_onnx = correct_onnx / labelled
     return report
+
+
+def compare_engine_chain(
+    engines: Sequence[Engine],
+    model: torch.nn.Module,
+    inputs: VerifyInputs,
+    batch_size: int,
+    name: str,
+) -> tuple[Comparison, float]:
+    """Run already-loaded engines as a chain (e.g. TensorRT plans) and compare the logits with ``model``.
+
+    Returns:
+        The comparison and the top-1 agreement with torch (a fraction).
+    """
+    comparison = Comparison(name)
+    agree = 0
+    images = inputs.images
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start : start + batch_size].contiguous()
+            h = x.numpy()
+            for engine in engines:
+                h = engine.run(h)
+            ref = model(x).numpy()
+            comparison.update(h, ref)
+            agree += int((h.argmax(1) == ref.argmax(1)).sum())
+    return comparison, agree / images.shape[0]

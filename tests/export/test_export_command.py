@@ -126,3 +126,16 @@ def test_engine_tensorrt_without_tensorrt_says_what_to_install(tmp_path, capsys)
 def test_manifest_records_the_command_that_regenerates_it(export_dir):
     command = json.loads((export_dir / "manifest.json").read_text())["provenance"]["command"]
     assert command.startswith("quantpipe export --model test_vit --split 2,4 --out ")
+
+
+def test_engine_chain_comparison_used_for_tensorrt_plans(export_dir):
+    # The same comparison export runs on TensorRT plans, exercised here with onnxruntime engines.
+    from quantpipe.export.data import random_inputs
+    from quantpipe.export.model import create_model
+    from quantpipe.export.verify import compare_engine_chain
+
+    engines = [load_engine(export_dir / f"stage{k}.onnx") for k in range(3)]
+    comparison, agreement = compare_engine_chain(engines, create_model("test_vit"), random_inputs((3, 160, 160), 5),
+                                                 batch_size=2, name="chain")
+    assert comparison.samples == 5 and agreement == 1.0
+    assert comparison.passed(rtol=1e-4, min_cosine=0.99999)
