@@ -109,22 +109,15 @@ def _remove_stale(out: Path, num_stages: int) -> None:
             path.unlink()
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
+def _check_args(args: argparse.Namespace) -> tuple[int, int, int]:
+    """Refuse bad flag combinations before the slow work starts; return the batch range."""
     from quantpipe.engines import tensorrt_available
-    from quantpipe.export.data import image_inputs, random_inputs
-    from quantpipe.export.model import create_model, data_config_of, weights_source
-    from quantpipe.export.onnx_export import export_stage
-    from quantpipe.export.split import build_stages, parse_split, stage_io_names
-    from quantpipe.export.verify import check_graphs, verify_stages
-    from quantpipe.manifest import BoundaryInfo, StageInfo, StageManifest, TensorInfo, sha256_file
+
+    from quantpipe.export.onnx_export import MIN_OPSET
 
     batch = parse_batch(args.batch)
-    # onnx_ir and onnxscript log every graph rewrite at INFO; that is exporter detail, not export progress.
-    for noisy in ("onnx_ir", "onnxscript"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if args.opset < MIN_OPSET:
+        raise ConfigError(f"--opset {args.opset} is too old: ViT stages need LayerNormalization, opset >= {MIN_OPSET}")
     if args.fp16 and args.engine != "tensorrt":
         raise ConfigError("--fp16 applies to TensorRT engines; add --engine tensorrt (the ONNX graphs stay float32)")
     if args.engine == "tensorrt" and not tensorrt_available():
@@ -135,6 +128,62 @@ def run(args: argparse.Namespace) -> int:
         )
     if (args.verify_samples is not None and args.verify_samples < 0) or args.verify_batch < 1:
         raise ConfigError("--verify-samples must be >= 0 and --verify-batch >= 1")
+    return batch
+
+
+def _export_graphs(stages: list[Any], bounds: list[int], input_size: list[int], out: Path, opset: int,
+                   progress: Any) -> list[Any]:
+    """Export every stage; each stage's example input is the previous stage's real output."""
+    import torch
+
+    from quantpipe.export.onnx_export import export_stage
+    from quantpipe.export.split import stage_io_names
+
+    example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    graphs = []
+    for k, stage in enumerate(stages):
+        progress.set_postfix_str(f"stage {k} to ONNX")
+        name_in, name_out = stage_io_names(k, len(stages))
+        graphs.append(export_stage(stage, example, out / f"stage{k}.onnx", name_in, name_out, opset=opset))
+        with torch.no_grad():
+            example = stage(example)
+        log.info("stage %d (blocks %d-%d): %s %s -> %s %s", k, bounds[k], bounds[k + 1] - 1,
+                 name_in, list(graphs[-1].input_shape), name_out, list(graphs[-1].output_shape))
+        progress.update()
+    return graphs
+
+
+def _stage_infos(graphs: list[Any], bounds: list[int]) -> list[Any]:
+    from quantpipe.manifest import StageInfo, TensorInfo, sha256_file
+
+    return [
+        StageInfo(
+            index=k,
+            file=g.path.name,
+            sha256=sha256_file(g.path),
+            input=TensorInfo(g.input_name, g.input_shape),
+            output=TensorInfo(g.output_name, g.output_shape),
+            blocks=(bounds[k], bounds[k + 1]),
+            data_file=g.data_path.name if g.data_path else None,
+            data_sha256=sha256_file(g.data_path) if g.data_path else None,
+        )
+        for k, g in enumerate(graphs)
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from quantpipe.export.data import image_inputs, random_inputs
+    from quantpipe.export.model import create_model, data_config_of, weights_source
+    from quantpipe.export.split import build_stages, parse_split
+    from quantpipe.export.verify import check_graphs, verify_stages
+    from quantpipe.manifest import BoundaryInfo, StageManifest
+
+    # onnx_ir and onnxscript log every graph rewrite at INFO; that is exporter detail, not export progress.
+    for noisy in ("onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    batch = _check_args(args)
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -142,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
     num_blocks = len(model.blocks)
     cuts = parse_split(args.split, num_blocks)
     stages = build_stages(model, cuts)
+    bounds = [0, *cuts, num_blocks]
     data_config = data_config_of(model)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -150,103 +200,81 @@ def run(args: argparse.Namespace) -> int:
     log.info("%s: %d blocks, split %s -> %d stages, input %s", args.model, num_blocks, cuts, len(stages), data_config["input_size"])
 
     steps = len(stages) + 1 + (0 if args.no_verify else 1) + (len(stages) if args.engine == "tensorrt" else 0)
-    bar = tqdm(total=steps, desc="export", unit="step", disable=None, file=sys.stderr)
-    t0 = time.perf_counter()
-    example = torch.randn(2, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
-    graphs = []
-    bounds = [0, *cuts, num_blocks]
-    for k, stage in enumerate(stages):
-        bar.set_postfix_str(f"stage {k} to ONNX")
-        name_in, name_out = stage_io_names(k, len(stages))
-        graphs.append(export_stage(stage, example, out / f"stage{k}.onnx", name_in, name_out, opset=args.opset))
-        with torch.no_grad():
-            example = stage(example)  # the next stage's example input is this stage's real output
-        log.info("stage %d (blocks %d-%d): %s %s -> %s %s", k, bounds[k], bounds[k + 1] - 1,
-                 name_in, list(graphs[-1].input_shape), name_out, list(graphs[-1].output_shape))
-        bar.update()
-    timings["export_onnx"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    bar.set_postfix_str("onnx.checker")
-    check_graphs([g.path for g in graphs])
-    bar.update()
-    timings["check"] = time.perf_counter() - t0
-
-    verification: dict[str, Any] | None = None
-    if not args.no_verify:
+    report = None
+    with tqdm(total=steps, desc="export", unit="step", disable=None, file=sys.stderr) as bar:
         t0 = time.perf_counter()
-        bar.set_postfix_str("verify in onnxruntime")
-        if args.verify_data is not None:
-            limit = 64 if args.verify_samples is None else (args.verify_samples or None)
-            inputs = image_inputs(args.verify_data, data_config, limit)
-        else:
-            inputs = random_inputs(data_config["input_size"], args.verify_samples or 8)
-        report = verify_stages(model, stages, [g.path for g in graphs], inputs, batch_size=args.verify_batch,
-                               rtol=args.rtol, min_cosine=args.min_cosine, threads=args.threads)
-        bar.update()
-        timings["verify"] = time.perf_counter() - t0
-        bar.close()
-        for line in report.lines():
-            print(line)
-        report.raise_if_failed()
-        verification = report.to_dict()
-
-    stage_infos = []
-    for k, g in enumerate(graphs):
-        stage_infos.append(
-            StageInfo(
-                index=k,
-                file=g.path.name,
-                sha256=sha256_file(g.path),
-                input=TensorInfo(g.input_name, g.input_shape),
-                output=TensorInfo(g.output_name, g.output_shape),
-                blocks=(bounds[k], bounds[k + 1]),
-                data_file=g.data_path.name if g.data_path else None,
-                data_sha256=sha256_file(g.data_path) if g.data_path else None,
-            )
-        )
-    manifest = StageManifest(
-        model=args.model,
-        split=cuts,
-        num_blocks=num_blocks,
-        stages=stage_infos,
-        boundaries=[BoundaryInfo(k, g.output_shape) for k, g in enumerate(graphs[:-1])],
-        data_config=data_config,
-        num_classes=int(model.num_classes),
-        versions=_versions(),
-        provenance={
-            "weights": weights_source(args.pretrained, args.checkpoint),
-            "opset": args.opset,
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "command": _command_line(args),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "verification": verification,
-        },
-        directory=out,
-    )
-    if args.engine == "tensorrt":
-        from quantpipe.engines.tensorrt import build_stage_engines, needs_fp16_graph
+        graphs = _export_graphs(stages, bounds, data_config["input_size"], out, args.opset, bar)
+        timings["export_onnx"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        sources = [manifest.stage_path(k) for k in range(len(stages))]
-        if args.fp16 and needs_fp16_graph():
-            sources = _export_half_graphs(stages, graphs, out, args.opset, data_config)
-        manifest.engines["tensorrt"] = build_stage_engines(sources, out / "engines", batch=batch, fp16=args.fp16,
-                                                           progress=bar.update)
+        bar.set_postfix_str("onnx.checker")
+        check_graphs([g.path for g in graphs])
+        bar.update()
+        timings["check"] = time.perf_counter() - t0
+
         if not args.no_verify:
-            manifest.engines["tensorrt"]["verification"] = _verify_tensorrt(
-                manifest.engines["tensorrt"], out, model, inputs, min(args.verify_batch, batch[2]), args.fp16)
-        timings["build_engines"] = time.perf_counter() - t0
-    else:
-        manifest.engines["onnxruntime"] = _onnxruntime_entry(manifest, args.threads)
-    bar.close()
+            t0 = time.perf_counter()
+            bar.set_postfix_str("verify in onnxruntime")
+            if args.verify_data is not None:
+                limit = 64 if args.verify_samples is None else (args.verify_samples or None)
+                inputs = image_inputs(args.verify_data, data_config, limit)
+            else:
+                inputs = random_inputs(data_config["input_size"], args.verify_samples or 8)
+            report = verify_stages(model, stages, [g.path for g in graphs], inputs, batch_size=args.verify_batch,
+                                   rtol=args.rtol, min_cosine=args.min_cosine, threads=args.threads)
+            bar.update()
+            timings["verify"] = time.perf_counter() - t0
+            report.raise_if_failed()  # before the manifest: unverified graphs must not look usable
+
+        manifest = StageManifest(
+            model=args.model,
+            split=cuts,
+            num_blocks=num_blocks,
+            stages=_stage_infos(graphs, bounds),
+            boundaries=[BoundaryInfo(k, g.output_shape) for k, g in enumerate(graphs[:-1])],
+            data_config=data_config,
+            num_classes=int(model.num_classes),
+            versions=_versions(),
+            provenance={
+                "weights": weights_source(args.pretrained, args.checkpoint),
+                "opset": args.opset,
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "command": _command_line(args),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "verification": report.to_dict() if report is not None else None,
+            },
+            directory=out,
+        )
+        if args.engine == "tensorrt":
+            from quantpipe.engines.tensorrt import build_stage_engines, needs_fp16_graph
+
+            t0 = time.perf_counter()
+            bar.set_postfix_str("TensorRT engines")
+            sources = [manifest.stage_path(k) for k in range(len(stages))]
+            if args.fp16 and needs_fp16_graph():
+                sources = _export_half_graphs(stages, graphs, out, args.opset, data_config)
+            entry = build_stage_engines(sources, out / "engines", batch=batch, fp16=args.fp16, progress=bar.update)
+            if report is not None:
+                entry["verification"] = _verify_tensorrt(entry, out, model, inputs, min(args.verify_batch, batch[2]),
+                                                         args.fp16)
+            manifest.engines["tensorrt"] = entry
+            timings["build_engines"] = time.perf_counter() - t0
+        else:
+            manifest.engines["onnxruntime"] = _onnxruntime_entry(manifest, args.threads)
     timings["total"] = time.perf_counter() - started
     manifest.provenance["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     path = manifest.write(out)
+
+    for line in report.lines() if report is not None else ["verification skipped (--no-verify)"]:
+        print(line)
+    if "tensorrt" in manifest.engines and "verification" in manifest.engines["tensorrt"]:
+        v = manifest.engines["tensorrt"]["verification"]
+        print(f"  tensorrt chain vs torch model: max abs {v['max_abs']:.3e}  rel {v['rel']:.3e}  "
+              f"min cosine {v['min_cosine']:.8f}  top-1 agreement {v['top1_agreement'] * 100:.2f}%")
     print(f"wrote {len(stages)} stages and {path} in {timings['total']:.1f} s "
           f"(model {timings['load_model']:.1f} s, ONNX export {timings['export_onnx']:.1f} s"
           + (f", verify {timings['verify']:.1f} s" if "verify" in timings else "") + ")")
-    for s in stage_infos:
+    for s in manifest.stages:
         size = (out / s.file).stat().st_size / 2**20
         print(f"  {s.file}: blocks {s.blocks[0]}-{s.blocks[1] - 1}  {s.input.name} {list(s.input.shape)} -> "
               f"{s.output.name} {list(s.output.shape)}  {size:.1f} MiB  sha256 {s.sha256[:12]}")
@@ -302,8 +330,6 @@ def _verify_tensorrt(entry: dict[str, Any], out: Path, model: Any, inputs: Any, 
         for engine in engines:
             engine.close()
     rtol, min_cosine = (5e-2, 0.999) if fp16 else (1e-3, 0.9999)
-    print(f"  {'ok  ' if comparison.passed(rtol, min_cosine) else 'FAIL'} {comparison.line()}, "
-          f"top-1 agreement {agreement * 100:.2f}%")
     if not comparison.passed(rtol, min_cosine):
         raise QuantpipeError(
             f"the TensorRT engines do not reproduce the model (rel {comparison.rel:.2e} > {rtol:g} or cosine "
