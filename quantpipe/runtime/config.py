@@ -22,8 +22,8 @@ Example (all keys, with their defaults where they have one)::
     threads = 1                     # engine threads per stage
     input_shape = [197, 192]        # per-image input shape, for builtin engines and synthetic input
     bandwidth_schedule = ""         # e.g. "0:500,20:50,40:250" (s:Mbit/s) on stage-to-stage links
-    shaping = "emulate"             # how the schedule is applied: "emulate" (token bucket), "netns" (tc)
-    burst_bytes = 32768             # token-bucket / tbf burst
+    shaping = "emulate"             # how the schedule is applied: "emulate" (in-process), "netns" (tc)
+    burst_bytes = 32768             # tc tbf burst (netns shaping)
 
     [source]
     images = ""                     # image folder (ImageFolder = labelled); empty: synthetic input

@@ -11,8 +11,8 @@ summary; it writes into ``--out`` (default ``runs/<time>``):
 
 Bandwidth schedules (``--bandwidth-schedule 0:500,20:50,40:250``, Mbit/s on the stage-to-stage links):
 
-* ``--shaping emulate`` (default): each stage's sender runs a token bucket at the scheduled rate
-  (:mod:`quantpipe.runtime.shaping`); no privileges needed, loopback only.
+* ``--shaping emulate`` (default): each stage's sender holds every frame as long as a link of the
+  scheduled rate would take to carry it (:mod:`quantpipe.runtime.shaping`); no privileges needed.
 * ``--shaping netns``: real shaping. Needs root. The launcher builds a chain of network namespaces
   joined by veth pairs with ``tools/netlinks.sh`` (stage k in namespace k, link k shaped by tc tbf),
   rewrites the stages' addresses to the namespaces' (ports kept), runs every process with

@@ -53,7 +53,7 @@ import zmq
 from quantpipe import wire
 from quantpipe.errors import FrameError
 from quantpipe.runtime.bandwidth import BandwidthEstimator, WindowStats
-from quantpipe.runtime.shaping import TokenBucket
+from quantpipe.runtime.shaping import EmulatedLink
 
 __all__ = ["LinkOptions", "LinkSender", "LinkReceiver", "Message"]
 
@@ -89,6 +89,7 @@ class _Pending:
     attempts: int = 0
     next_resend: float = 0.0
     on_wire: bool = False
+    release_at: float | None = None  # when the frame has crossed an emulated link
 
 
 class LinkSender:
@@ -101,12 +102,12 @@ class LinkSender:
         stage: this process's stage index (the source is :data:`wire.SOURCE_STAGE`).
         policy_window: acknowledged microbatches per bandwidth window.
         max_window_s: time cap of a bandwidth window (see :class:`BandwidthEstimator`).
-        shaper: optional emulated link (token bucket); None sends at the network's own speed.
+        shaper: optional emulated slow link; None sends at the network's own speed.
         clock: monotonic seconds (injectable for tests).
     """
 
     def __init__(self, ctx: zmq.Context, address: str, options: LinkOptions, *, stage: int,
-                 policy_window: int = 10, max_window_s: float | None = None, shaper: TokenBucket | None = None,
+                 policy_window: int = 10, max_window_s: float | None = None, shaper: EmulatedLink | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.address = address
         self.options = options
@@ -177,13 +178,14 @@ class LinkSender:
         self._transmit_queued()
 
     def _transmit(self, p: _Pending, now: float) -> bool:
-        if self.shaper is not None and not self.shaper.take(p.nbytes, now):
-            return False
+        if self.shaper is not None:
+            if p.release_at is None:
+                p.release_at = self.shaper.release_time(p.nbytes, now)
+            if now < p.release_at:
+                return False  # still crossing the emulated link
         try:
             self.sock.send_multipart(p.frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            if self.shaper is not None:
-                self.shaper.refund(p.nbytes)
             return False  # no connection yet (IMMEDIATE) or peer's queue full: stays pending
         p.on_wire = True
         p.attempts += 1
@@ -211,6 +213,7 @@ class LinkSender:
     def _resend_all(self) -> None:
         for p in self._pending.values():
             p.on_wire = False
+            p.release_at = None  # a resend crosses the (emulated) link again
         self.resends += len(self._pending)
         self._transmit_queued()
 
@@ -244,7 +247,7 @@ class LinkSender:
         while True:
             wait_ms = max(0, int((deadline - self.clock()) * 1000))
             if self.shaper is not None and any(not p.on_wire for p in self._pending.values()):
-                wait_ms = min(wait_ms, 2)  # the token bucket refills with time, not with events
+                wait_ms = min(wait_ms, 2)  # emulated frames are released by time, not by events
             if self.sock.poll(wait_ms, zmq.POLLIN):
                 while True:
                     try:

@@ -24,7 +24,7 @@ class DaemonMetrics:
 
     Args:
         stage: label value (``"0"``, ``"source"``, ``"sink"``).
-        port: TCP port of the ``/metrics`` endpoint; 0 registers the metrics without serving them.
+        port: TCP port of the ``/metrics`` endpoint (started by :meth:`serve`); 0: never served.
         addr: interface to serve on (all interfaces by default: devices are scraped over the network).
     """
 
@@ -58,9 +58,14 @@ class DaemonMetrics:
         self.peer_up = Gauge("quantpipe_peer_up", "1 while the peer of a link is heard from", ["stage", "link"],
                              registry=r)
         self.port = port
-        if port:
-            start_http_server(port, addr=addr, registry=r)
-            log.info("metrics on http://%s:%d/metrics", addr, port)
+        self.addr = addr
+
+    def serve(self) -> None:
+        """Start the ``/metrics`` endpoint (when a port was given). A daemon calls this once it is ready,
+        so that a scrape that answers means a daemon that serves."""
+        if self.port:
+            start_http_server(self.port, addr=self.addr, registry=self.registry)
+            log.info("metrics on http://%s:%d/metrics", self.addr, self.port)
 
     def error(self, kind: str) -> None:
         """Count one rejected message or failed microbatch under ``kind`` (a FrameError kind or similar)."""

@@ -1,15 +1,15 @@
-"""Link-rate schedules and an in-process token bucket that emulates a shaped link.
+"""Link-rate schedules and an in-process emulation of a slow link.
 
 A :class:`RateSchedule` is the paper's experiment in data: ``"0:500,20:50,40:250"`` means 500 Mbit/s
 from t = 0 s, 50 Mbit/s from t = 20 s, 250 Mbit/s from t = 40 s (times relative to the pipeline's start).
 It drives either real shaping (``tools/netlinks.sh`` changing a tc tbf qdisc in a network namespace)
 or, where namespaces cannot be made (no root), the emulated link below.
 
-:class:`TokenBucket` is that emulation: the sender may put a frame on the link only when the bucket
-holds tokens (bytes), refilled at the link rate; a frame larger than the burst is let through when the
-bucket is full and drives it negative, so the long-run rate is exactly the configured one. It models
-serialization delay only (no loss, no propagation delay) and is a test/demo device, not a substitute
-for measuring a real network: figures in BENCHMARKS.md say which one they used.
+:class:`EmulatedLink` is that emulation: the sender holds each frame for as long as the link would
+take to serialize it, one frame after another, so the long-run rate is exactly the configured one and
+every frame is delayed as on a real link of that rate. It models serialization delay only (no loss,
+no propagation delay, no TCP) and is a test/demo device, not a substitute for measuring a real
+network: figures in BENCHMARKS.md say which one they used.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from quantpipe.errors import ConfigError
 
-__all__ = ["RateSchedule", "TokenBucket", "MBIT"]
+__all__ = ["RateSchedule", "EmulatedLink", "MBIT"]
 
 MBIT = 1e6 / 8  # bytes per second in one Mbit/s
 
@@ -72,45 +72,33 @@ class RateSchedule:
         return ",".join(f"{t:g}:{r:g}" for t, r in self.steps)
 
 
-class TokenBucket:
-    """Bytes may leave at ``rate`` bytes/s on average, with bursts of at most ``burst`` bytes.
+class EmulatedLink:
+    """A store-and-forward link of ``rate`` bytes/s: a frame leaves when its last byte would have.
+
+    Frames are serialized one after another: a frame of ``n`` bytes offered at ``now`` is released at
+    ``max(now, end of the previous frame) + n / rate``. Holding the whole frame (rather than letting it
+    go and paying the debt later, as a token bucket does) makes the delay that a slow link adds to each
+    frame visible to the acknowledgement-based bandwidth measurement, as on a real link.
 
     Args:
         rate: bytes per second.
-        burst: bucket size in bytes (tokens accumulate up to this while the link is idle).
         now: the current monotonic time.
     """
 
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        if not rate > 0 or not burst > 0:
-            raise ConfigError(f"a shaped link needs rate > 0 and burst > 0 (got {rate}, {burst})")
+    def __init__(self, rate: float, now: float) -> None:
+        if not rate > 0:
+            raise ConfigError(f"an emulated link needs rate > 0 bytes/s (got {rate})")
         self.rate = float(rate)
-        self.burst = float(burst)
-        self._tokens = float(burst)
-        self._t = now
+        self._free_at = now
 
     def set_rate(self, rate: float, now: float) -> None:
-        """Change the rate from ``now`` on (tokens earned so far are kept)."""
-        self._refill(now)
+        """Change the rate for frames offered from ``now`` on (a frame in serialization keeps its time)."""
+        if not rate > 0:
+            raise ConfigError(f"an emulated link needs rate > 0 bytes/s (got {rate})")
         self.rate = float(rate)
 
-    def _refill(self, now: float) -> None:
-        self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate)
-        self._t = now
-
-    def take(self, nbytes: int, now: float) -> bool:
-        """Spend tokens for a frame of ``nbytes`` if the link is free now; False means wait."""
-        self._refill(now)
-        if self._tokens < min(nbytes, self.burst):
-            return False
-        self._tokens -= nbytes
-        return True
-
-    def refund(self, nbytes: int) -> None:
-        """Give back tokens of a frame that could not be sent after all."""
-        self._tokens = min(self.burst, self._tokens + nbytes)
-
-    def wait_time(self, nbytes: int, now: float) -> float:
-        """Seconds until a frame of ``nbytes`` could be taken."""
-        self._refill(now)
-        return max(0.0, (min(nbytes, self.burst) - self._tokens) / self.rate)
+    def release_time(self, nbytes: int, now: float) -> float:
+        """Offer a frame of ``nbytes`` at ``now``; returns when it has fully crossed the link."""
+        start = max(now, self._free_at)
+        self._free_at = start + nbytes / self.rate
+        return self._free_at

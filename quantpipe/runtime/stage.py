@@ -34,7 +34,7 @@ from quantpipe.runtime.config import BUILTIN_PREFIX, PipelineConfig, load_config
 from quantpipe.runtime.link import LinkOptions, LinkReceiver, LinkSender, Message
 from quantpipe.runtime.metrics import DaemonMetrics
 from quantpipe.runtime.policy import make_policy
-from quantpipe.runtime.shaping import MBIT, TokenBucket
+from quantpipe.runtime.shaping import MBIT, EmulatedLink
 
 __all__ = ["StageDaemon", "load_stage_engine", "load_table", "add_arguments", "run"]
 
@@ -113,7 +113,7 @@ class StageDaemon:
         self.schedule = cfg.schedule if (cfg.shaping == "emulate" and not self.last) else None
         shaper = None
         if self.schedule is not None:
-            shaper = TokenBucket(self.schedule.rate_at(0) * MBIT, cfg.burst_bytes, time.monotonic())
+            shaper = EmulatedLink(self.schedule.rate_at(0) * MBIT, time.monotonic())
         self.inbound = LinkReceiver(self.ctx, cfg.stages[k].address, opts, stage=k, on_reject=self.metrics.error)
         # A window normally spans N microbatches; it is cut at twice its nominal duration so that a
         # collapsing link is noticed within about two nominal windows (see BandwidthEstimator).
@@ -128,6 +128,7 @@ class StageDaemon:
         self.metrics.bits.set(self.bits)
         if hasattr(codec, "warmup"):
             codec.warmup()  # compile the fast kernel now, not on the first frame
+        self.metrics.serve()
         self._event({"event": "ready", "bits": self.bits})
         log.info("stage %d: %s; in %s, out %s; bits %s (policy %s); config %s", k, self.engine.describe(),
                  self.inbound.endpoint, cfg.downstream_address(k), self.bits, type(self.policy).__name__,
@@ -332,7 +333,13 @@ def run(args: argparse.Namespace) -> int:
         stages = list(cfg.stages)
         stages[args.stage] = dataclasses.replace(stages[args.stage], **changes)
         cfg = cfg.replace(stages=tuple(stages))
+    # Handlers first: a SIGTERM that arrives while the engine loads must still mean "exit cleanly".
+    early: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: early.append(1))
+    signal.signal(signal.SIGINT, lambda *_: early.append(1))
     daemon = StageDaemon(cfg, args.stage, start_time=args.start_time, events=args.events)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
+    if early:
+        daemon.stop()
     return daemon.serve()

@@ -1,4 +1,4 @@
-"""Pipeline config files, flag overrides and validation; bandwidth schedules and the token bucket."""
+"""Pipeline config files, flag overrides and validation; bandwidth schedules and the emulated link."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from quantpipe.errors import ConfigError
 from quantpipe.runtime.config import load_config
-from quantpipe.runtime.shaping import MBIT, RateSchedule, TokenBucket
+from quantpipe.runtime.shaping import MBIT, EmulatedLink, RateSchedule
 
 TOML = """
 [pipeline]
@@ -91,14 +91,13 @@ def test_schedule_parse_and_lookup():
             RateSchedule.parse(bad)
 
 
-def test_token_bucket_holds_the_long_run_rate():
-    rate = 10 * MBIT
-    bucket = TokenBucket(rate, burst=32768, now=0.0)
-    t, sent, frame = 0.0, 0, 200_000  # frames larger than the burst
-    while t < 10.0:
-        if bucket.take(frame, t):
-            sent += frame
-        t += 0.001
-    assert sent / 10.0 == pytest.approx(rate, rel=0.03)
-    bucket.set_rate(rate / 10, t)
-    assert bucket.wait_time(frame, t) > 0
+def test_emulated_link_serializes_frames_at_its_rate():
+    link = EmulatedLink(10 * MBIT, now=0.0)
+    frame = 125_000  # 1 Mbit: 0.1 s at 10 Mbit/s
+    assert link.release_time(frame, 0.0) == pytest.approx(0.1)
+    assert link.release_time(frame, 0.0) == pytest.approx(0.2)  # queued behind the first
+    assert link.release_time(frame, 1.0) == pytest.approx(1.1)  # an idle link starts at once
+    link.set_rate(1 * MBIT, 1.1)
+    assert link.release_time(frame, 1.1) == pytest.approx(2.1)
+    with pytest.raises(ConfigError):
+        EmulatedLink(0, 0.0)
