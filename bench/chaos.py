@@ -1,0 +1,373 @@
+"""Reliability figures of BENCHMARKS.md (targets.md section 5), measured with real processes.
+
+Usage::
+
+    python bench/chaos.py                    # every scenario: kill -9 + restart of each stage, source, sink; fuzz
+    python bench/chaos.py --only stage1 fuzz --json
+
+Kill scenarios: a pipeline of real processes (``python -m quantpipe.runtime.sink``, ``quantpipe stage``
+per stage, ``python -m quantpipe.runtime.source``) on 127.0.0.1 streams ``--count`` images; once the
+sink has written a quarter of them the target process gets SIGKILL, stays down ``--down`` seconds and is
+started again with the same arguments. Figures per scenario:
+
+* ``recovery_s``: restart -> the sink's first new result line (includes the interpreter start and the
+  daemon's warm-up: what an operator waits for);
+* ``lost`` / ``duplicated``: submitted image ids with no line / with more than one line in the sink's
+  output; ``errors``: ids answered with an explicit error line; ``wrong``: results that differ from
+  the chained builtin engines (a misrouted or corrupted microbatch).
+
+"Exactly once" when the *source* or the *sink* is killed: the source is the system of record of what
+was submitted (ids are deterministic: microbatch ``seq`` holds images ``seq*B ..``), so a restarted
+source submits the same stream again and the stages drop what they already accepted by ``seq``; the
+sink's output file is the system of record of what was answered, so a restarted sink must resume from
+it (append, skip ids already written), never truncate it.
+
+Fuzz scenario: one live stage daemon gets ``--fuzz`` bad messages (see :func:`bad_messages`) from a raw
+DEALER, interleaved with a well-behaved source's stream, plus connections that announce a frame above
+``zmq.MAXMSGSIZE`` (cut by libzmq before Python sees a byte). Figures: frames sent, rejects counted by
+the daemon's Prometheus ``quantpipe_errors_total`` per kind (scraped), rate, and the valid results'
+correctness.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from quantpipe import wire
+
+__all__ = ["Setup", "Cluster", "free_port", "expected_top5", "check_results", "kill_and_restart",
+           "bad_messages", "send_oversized", "scrape_errors", "rss_kib"]
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Setup:
+    """A builtin-engine pipeline small enough for two shared cores."""
+
+    engines: tuple[str, ...] = ("builtin:linear", "builtin:linear", "builtin:head:16")
+    input_shape: tuple[int, ...] = (8, 16)
+    count: int = 480
+    rate: float = 80.0
+    microbatch: int = 4
+    credits: int = 4
+    metrics: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Cluster:
+    """The processes of one pipeline on loopback, each restartable with its original arguments.
+
+    Use as a context manager: every process is SIGKILLed and reaped on exit, also after a failure.
+    """
+
+    def __init__(self, workdir: Path, setup: Setup) -> None:
+        self.dir, self.setup = Path(workdir), setup
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n = len(setup.engines)
+        self.metrics_ports = [free_port() if setup.metrics else 0 for _ in range(self.n)]
+        self.addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(self.n)]
+        self.sink_address = f"tcp://127.0.0.1:{free_port()}"
+        self.results = self.dir / "results.jsonl"
+        self.config = self.dir / "pipeline.toml"
+        self.config.write_text(self._toml())
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.starts: dict[str, int] = {}
+
+    def _toml(self) -> str:
+        s = self.setup
+        lines = ["[pipeline]", f"input_shape = {list(s.input_shape)}", 'policy = "fixed"', "fixed_bits = 32",
+                 f"target_rate = {s.rate}", f"microbatch = {s.microbatch}", f"credits = {s.credits}"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in s.extra.items()]
+        lines += ["[source]", f"count = {s.count}", f"rate = {s.rate}",
+                  "[sink]", f'address = "{self.sink_address}"', f'output = "{self.results}"']
+        for engine, address, port in zip(s.engines, self.addresses, self.metrics_ports):
+            lines += ["[[stages]]", f'engine = "{engine}"', f'address = "{address}"', f"metrics_port = {port}"]
+        return "\n".join(lines) + "\n"
+
+    def argv(self, name: str) -> list[str]:
+        if name == "sink":
+            return [PY, "-m", "quantpipe.runtime.sink", "--config", str(self.config), "--timeout", "120"]
+        if name == "source":
+            return [PY, "-m", "quantpipe.runtime.source", "--config", str(self.config)]
+        k = int(name.removeprefix("stage"))
+        return [PY, "-m", "quantpipe.cli", "stage", "--config", str(self.config), "--stage", str(k),
+                "--events", str(self.dir / f"events-{name}.jsonl")]
+
+    def spawn(self, name: str) -> subprocess.Popen:
+        self.starts[name] = self.starts.get(name, 0) + 1
+        log = (self.dir / f"{name}.log").open("a")
+        log.write(f"--- start {self.starts[name]} at {time.time():.3f}\n")
+        log.flush()
+        p = subprocess.Popen(self.argv(name), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def ready_count(self, name: str) -> int:
+        path = self.dir / f"events-{name}.jsonl"
+        return path.read_text().count('"event": "ready"') if path.exists() else 0
+
+    def wait_ready(self, name: str, starts: int, timeout_s: float = 60.0) -> float:
+        """Wait for stage ``name``'s ``starts``-th ready event; returns the time it was seen."""
+        deadline = time.monotonic() + timeout_s
+        while self.ready_count(name) < starts:
+            p = self.procs[name]
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode}: {self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready after {timeout_s:g} s: {self.log_tail(name)}")
+            time.sleep(0.02)
+        return time.monotonic()
+
+    def start(self) -> None:
+        self.spawn("sink")
+        for k in reversed(range(self.n)):
+            self.spawn(f"stage{k}")
+        for k in range(self.n):
+            self.wait_ready(f"stage{k}", 1)
+        self.spawn("source")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[name]
+        if p.poll() is None:
+            p.send_signal(sig)
+            if sig in (signal.SIGKILL, signal.SIGTERM):
+                p.wait(30)
+
+    def lines(self) -> list[dict[str, Any]]:
+        """The sink's output; a torn last line (the sink was killed mid-write) is ignored."""
+        if not self.results.exists():
+            return []
+        out = []
+        for line in self.results.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def log_tail(self, name: str, n: int = 8) -> str:
+        path = self.dir / f"{name}.log"
+        return " | ".join(path.read_text().splitlines()[-n:]) if path.exists() else ""
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)  # a SIGSTOPped process cannot die until continued
+                except ProcessLookupError:
+                    pass
+                p.kill()
+        for p in self.procs.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------ results
+def expected_top5(setup: Setup) -> dict[int, list[list[float]]]:
+    """What the sink must write for each id: the chained builtin engines over the source's microbatches."""
+    from quantpipe.runtime.config import PipelineConfig, SourceConfig, StageConfig
+    from quantpipe.runtime.sink import top5
+    from quantpipe.runtime.source import load_inputs
+    from quantpipe.runtime.stage import load_stage_engine
+
+    cfg = PipelineConfig(stages=tuple(StageConfig(e, f"tcp://127.0.0.1:{1 + i}") for i, e in enumerate(setup.engines)),
+                         input_shape=setup.input_shape, source=SourceConfig(count=setup.count))
+    pool = load_inputs(cfg).images
+    engines = [load_stage_engine(cfg, k) for k in range(len(setup.engines))]
+    out: dict[int, list[list[float]]] = {}
+    for first in range(0, setup.count, setup.microbatch):
+        ids = np.arange(first, min(first + setup.microbatch, setup.count))
+        y = np.ascontiguousarray(pool[ids % len(pool)])
+        for e in engines:
+            y = e.run(y)
+        for i, t in zip(ids, top5(y)):
+            out[int(i)] = t
+    return out
+
+
+def check_results(lines: list[dict[str, Any]], expected: dict[int, list[list[float]]]) -> dict[str, Any]:
+    """Lost, duplicated, erroneous and wrong results against the submitted ids."""
+    seen: dict[int, int] = {}
+    wrong = 0
+    for r in lines:
+        i = int(r["id"])
+        seen[i] = seen.get(i, 0) + 1
+        if "error" not in r and i in expected:
+            got, want = r["top5"], expected[i]
+            if [c for c, _ in got] != [c for c, _ in want] or not np.allclose([p for _, p in got],
+                                                                               [p for _, p in want], atol=1e-5):
+                wrong += 1
+    lost = [i for i in expected if i not in seen]
+    return {"submitted": len(expected), "answered": len(seen), "lost": len(lost), "lost_ids": lost[:20],
+            "duplicated": sum(1 for c in seen.values() if c > 1), "unexpected": sum(1 for i in seen if i not in expected),
+            "errors": sum(1 for r in lines if "error" in r), "wrong": wrong}
+
+
+def kill_and_restart(workdir: Path, target: str, setup: Setup | None = None, *, down_s: float = 0.5,
+                     settle_s: float = 15.0) -> dict[str, Any]:
+    """One chaos scenario (see the module docstring); returns its figures."""
+    setup = setup or Setup()
+    expected = expected_top5(setup)
+    with Cluster(workdir, setup) as c:
+        c.start()
+        deadline = time.monotonic() + 60
+        while len(c.lines()) < setup.count // 4:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the stream did not start: {c.log_tail('sink')} / {c.log_tail('source')}")
+            time.sleep(0.01)
+        c.kill(target)
+        before = {int(r["id"]) for r in c.lines()}
+        time.sleep(down_s)
+        t_restart = time.monotonic()
+        c.spawn(target)
+        t_ready = c.wait_ready(target, 2) if target.startswith("stage") else None
+        recovery = None
+        end = t_restart + settle_s
+        while time.monotonic() < end:
+            lines = c.lines()
+            if recovery is None and any(int(r["id"]) not in before for r in lines):
+                recovery = time.monotonic() - t_restart
+            if c.procs["sink"].poll() is not None and len({int(r["id"]) for r in lines}) >= setup.count:
+                break
+            if recovery is not None and len(lines) >= setup.count and all(p.poll() is not None for n, p in
+                                                                          c.procs.items() if n == "sink"):
+                break
+            time.sleep(0.02)
+        figures = check_results(c.lines(), expected)
+        figures.update(target=target, recovery_s=None if recovery is None else round(recovery, 3),
+                       ready_after_restart_s=None if t_ready is None else round(t_ready - t_restart, 3),
+                       answered_before_kill=len(before), sink_exit=c.procs["sink"].poll())
+    return figures
+
+
+# --------------------------------------------------------------------------------------------- fuzz
+def _header(**fields: Any) -> bytes:
+    return wire.pack_header(wire.FrameHeader(**fields))
+
+
+def _with_crc(body60: bytes) -> bytes:
+    return body60 + struct.pack("<I", zlib.crc32(body60))
+
+
+def bad_messages(n: int, seed: int = 0) -> Iterator[tuple[list[bytes], str]]:
+    """``n`` invalid messages and the FrameError kind each must be counted under.
+
+    Kinds by construction (each fails exactly one check, in the order the receiver checks):
+    malformed/truncated headers, bad magic, wrong version, header CRC, reserved bits, inconsistent
+    shapes, oversized payload claims, data without a trace frame, bad trace frames, acks sent
+    downstream, wrong frame counts, truncated payloads, payload CRC mismatches, random junk.
+    Sequence numbers are far above any valid stream's, so none is mistaken for a duplicate.
+    """
+    rng = np.random.default_rng(seed)
+    trace = wire.pack_trace(time.time())
+    payload = np.arange(8, dtype=np.float32).tobytes()
+
+    def data_header(seq: int, **kw: Any) -> bytes:
+        base = dict(seq=seq, first_id=0, shape=(1, 8), payload_len=32, stage=wire.SOURCE_STAGE)
+        return _header(**{**base, **kw})
+
+    template = data_header(0)
+
+    def valid_header(seq: int) -> bytes:  # the template with this seq: 30x cheaper than packing anew
+        return _with_crc(template[:16] + struct.pack("<Q", seq) + template[24:60])
+
+    # Each maker gets the message's seq and a valid data header for it (built once per message).
+    makers = [
+        ("length", lambda s, h: [h[: int(rng.integers(0, 64))], payload, trace]),  # truncated header
+        ("length", lambda s, h: [h + b"\0" * int(rng.integers(1, 64)), payload, trace]),  # padded header
+        ("magic", lambda s, h: [b"QPIQ" + h[4:], payload, trace]),
+        ("version", lambda s, h: [_with_crc(h[:4] + bytes([wire.VERSION + 1]) + h[5:60]), payload, trace]),
+        ("crc", lambda s, h: [h[:16] + struct.pack("<Q", s ^ 1) + h[24:], payload, trace]),  # CRC not updated
+        ("malformed", lambda s, h: [_with_crc(h[:15] + b"\x07" + h[16:60]), payload, trace]),  # reserved byte
+        ("inconsistent", lambda s, h: [data_header(s, payload_len=31), payload[:31], trace]),
+        ("oversized", lambda s, h: [data_header(s, shape=(1 << 28, 8), payload_len=1 << 31), payload, trace]),
+        ("malformed", lambda s, h: [h]),  # data without its trace frame
+        ("malformed", lambda s, h: [h, payload, trace[:5]]),  # torn trace
+        ("malformed", lambda s, h: [h, payload, struct.pack("<d", float("nan"))]),
+        ("malformed", lambda s, h: wire.encode_control(wire.MsgType.ACK, seq=s)),  # an ack flowing downstream
+        ("malformed", lambda s, h: [h, payload, b"extra", b"frames", trace]),  # wrong frame count
+        ("malformed", lambda s, h: [h, payload, b"\0" * 4, trace]),  # a CRC frame without the flag
+        ("length", lambda s, h: [h, payload[: int(rng.integers(0, 32))], trace]),  # truncated payload
+        ("crc", lambda s, h: [data_header(s, flags=wire.FLAG_PAYLOAD_CRC), payload,
+                              struct.pack("<I", zlib.crc32(payload) ^ 0xFFFF), trace]),
+        ("length", lambda s, h: [rng.bytes(int(rng.choice([0, 1, 7, 63, 65, 200]))), trace]),  # junk, wrong size
+        ("magic", lambda s, h: [b"\0\0\0\0" + rng.bytes(60), trace]),  # 64 bytes of junk
+    ]
+    for i in range(n):
+        kind, make = makers[i % len(makers)]
+        seq = (1 << 40) + i
+        yield make(seq, valid_header(seq)), kind
+
+
+def send_oversized(endpoint: str, connections: int, max_message: int) -> int:
+    """Open ``connections`` raw ZMTP 3.0 connections that announce one frame larger than ``max_message``
+    (the receiver's MAXMSGSIZE) and send its first bytes; returns how many the server hung up on."""
+    host, port = endpoint.rsplit("/", 1)[1].rsplit(":", 1)
+    greeting = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\x00" + b"\0" * 31
+    ready = b"\x04\x1a\x05READY\x0bSocket-Type\x00\x00\x00\x06DEALER"
+    frame = b"\x02" + struct.pack(">Q", max_message + 1024) + b"\0" * 4096  # long frame, size over the limit
+    cut = 0
+    for _ in range(connections):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            try:
+                s.sendall(greeting + ready + frame)
+                s.settimeout(5)
+                while s.recv(65536):  # the server's greeting and READY, then EOF when it hangs up
+                    pass
+                cut += 1
+            except (ConnectionResetError, BrokenPipeError):
+                cut += 1
+            except socket.timeout:
+                pass
+    return cut
+
+
+def scrape_errors(port: int) -> dict[str, float]:
+    """``quantpipe_errors_total`` by kind from a daemon's /metrics endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("quantpipe_errors_total{"):
+            labels, value = line.rsplit(" ", 1)
+            kind = labels.split('kind="', 1)[1].split('"', 1)[0]
+            out[kind] = out.get(kind, 0.0) + float(value)
+    return out
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` from /proc (KiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
