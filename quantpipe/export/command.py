@@ -18,7 +18,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Imported at module level on purpose: when torch, timm, onnx or tqdm is missing, the CLI's lazy registry
+# catches the ModuleNotFoundError on import and disables only this subcommand, naming the extra to install.
+import numpy
+import onnx
+import onnxruntime
+import onnxscript
+import timm
+import torch
+from tqdm import tqdm
+
+import quantpipe
+from quantpipe.engines import load_engine, tensorrt_available
+from quantpipe.engines.tensorrt import TensorRTEngine, build_stage_engines, needs_fp16_graph
 from quantpipe.errors import ConfigError, MissingDependencyError, QuantpipeError
+from quantpipe.export.data import image_inputs, random_inputs
+from quantpipe.export.model import create_model, data_config_of, weights_source
+from quantpipe.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_stage
+from quantpipe.export.split import HalfStage, build_stages, parse_split, stage_io_names
+from quantpipe.export.verify import (
+    DEFAULT_MIN_COSINE,
+    DEFAULT_RTOL,
+    Comparison,
+    check_graphs,
+    compare_engine_chain,
+    verify_stages,
+)
+from quantpipe.manifest import BoundaryInfo, StageInfo, StageManifest, TensorInfo, sha256_file
 
 __all__ = ["add_arguments", "run", "parse_batch"]
 
@@ -37,9 +63,6 @@ def parse_batch(text: str) -> tuple[int, int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from quantpipe.export.onnx_export import DEFAULT_OPSET
-    from quantpipe.export.verify import DEFAULT_MIN_COSINE, DEFAULT_RTOL
-
     parser.add_argument("--model", required=True, help="timm model name (vit_*, deit_*, test_vit)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights from the Hugging Face hub")
@@ -79,15 +102,6 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import numpy
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import timm
-    import torch
-
-    import quantpipe
-
     return {
         "quantpipe": quantpipe.__version__,
         "python": platform.python_version(),
@@ -111,10 +125,6 @@ def _remove_stale(out: Path, num_stages: int) -> None:
 
 def _check_args(args: argparse.Namespace) -> tuple[int, int, int]:
     """Refuse bad flag combinations before the slow work starts; return the batch range."""
-    from quantpipe.engines import tensorrt_available
-
-    from quantpipe.export.onnx_export import MIN_OPSET
-
     batch = parse_batch(args.batch)
     if args.opset < MIN_OPSET:
         raise ConfigError(f"--opset {args.opset} is too old: ViT stages need LayerNormalization, opset >= {MIN_OPSET}")
@@ -134,11 +144,6 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int, int]:
 def _export_graphs(stages: list[Any], bounds: list[int], input_size: list[int], out: Path, opset: int,
                    progress: Any) -> list[Any]:
     """Export every stage; each stage's example input is the previous stage's real output."""
-    import torch
-
-    from quantpipe.export.onnx_export import export_stage
-    from quantpipe.export.split import stage_io_names
-
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     graphs = []
     for k, stage in enumerate(stages):
@@ -154,8 +159,6 @@ def _export_graphs(stages: list[Any], bounds: list[int], input_size: list[int], 
 
 
 def _stage_infos(graphs: list[Any], bounds: list[int]) -> list[Any]:
-    from quantpipe.manifest import StageInfo, TensorInfo, sha256_file
-
     return [
         StageInfo(
             index=k,
@@ -172,14 +175,6 @@ def _stage_infos(graphs: list[Any], bounds: list[int]) -> list[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from quantpipe.export.data import image_inputs, random_inputs
-    from quantpipe.export.model import create_model, data_config_of, weights_source
-    from quantpipe.export.split import build_stages, parse_split
-    from quantpipe.export.verify import check_graphs, verify_stages
-    from quantpipe.manifest import BoundaryInfo, StageManifest
-
     # onnx_ir and onnxscript log every graph rewrite at INFO; that is exporter detail, not export progress.
     for noisy in ("onnx_ir", "onnxscript"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
@@ -246,8 +241,6 @@ def run(args: argparse.Namespace) -> int:
             directory=out,
         )
         if args.engine == "tensorrt":
-            from quantpipe.engines.tensorrt import build_stage_engines, needs_fp16_graph
-
             t0 = time.perf_counter()
             bar.set_postfix_str("TensorRT engines")
             sources = [manifest.stage_path(k) for k in range(len(stages))]
@@ -284,13 +277,6 @@ def run(args: argparse.Namespace) -> int:
 def _export_half_graphs(stages: list[Any], graphs: list[Any], out: Path, opset: int,
                         data_config: dict[str, Any]) -> list[Path]:
     """fp16 copies of the stage graphs (float32 I/O) for TensorRT versions that only build strongly typed."""
-    import torch
-
-    from quantpipe.export.onnx_export import export_stage
-    from quantpipe.export.split import HalfStage
-    from quantpipe.engines import load_engine
-    from quantpipe.export.verify import Comparison, check_graphs
-
     example = torch.randn(2, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
     paths = []
     for k, (stage, g) in enumerate(zip(stages, graphs)):
@@ -319,8 +305,6 @@ def _verify_tensorrt(entry: dict[str, Any], out: Path, model: Any, inputs: Any, 
     fp32 plans are built without TF32, so they should agree with torch about as closely as onnxruntime;
     fp16 plans are held to a cosine bound only, as fp16 rounding is far above the fp32 tolerance.
     """
-    from quantpipe.engines.tensorrt import TensorRTEngine
-    from quantpipe.export.verify import compare_engine_chain
 
     engines = [TensorRTEngine(out / s["plan"]) for s in entry["stages"]]
     try:
@@ -341,10 +325,6 @@ def _verify_tensorrt(entry: dict[str, Any], out: Path, model: Any, inputs: Any, 
 
 def _onnxruntime_entry(manifest: Any, threads: int | None) -> dict[str, Any]:
     """Load each stage with the default provider order, so the manifest records what a device here would use."""
-    import onnxruntime
-
-    from quantpipe.engines import load_engine
-
     providers: list[str] = []
     for k in range(manifest.num_stages):
         engine = load_engine(manifest.stage_path(k), backend="onnxruntime", threads=threads)

@@ -139,3 +139,13 @@ def test_engine_chain_comparison_used_for_tensorrt_plans(export_dir):
                                                  batch_size=2, name="chain")
     assert comparison.samples == 5 and agreement == 1.0
     assert comparison.passed(rtol=1e-4, min_cosine=0.99999)
+
+
+def test_without_torch_the_subcommand_is_disabled_with_the_extra_to_install():
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['torch'] = None; from quantpipe.cli import main; sys.exit(main(['export', '--help']))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "pip install 'quantpipe[export]'" in result.stderr and "Traceback" not in result.stderr
