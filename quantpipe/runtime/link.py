@@ -242,16 +242,19 @@ class LinkSender:
                     self._windows.append(stats)
 
     def pump(self, timeout_s: float = 0.0) -> None:
-        """Handle acks/heartbeats for up to ``timeout_s``, put queued frames on the link, resend, heartbeat."""
+        """Put queued frames on the link, resend, heartbeat, and handle acks/heartbeats: waits up to
+        ``timeout_s`` for the first incoming message and returns as soon as one was handled."""
         deadline = self.clock() + timeout_s
         while True:
             wait_ms = max(0, int((deadline - self.clock()) * 1000))
             if self.shaper is not None and any(not p.on_wire for p in self._pending.values()):
                 wait_ms = min(wait_ms, 2)  # emulated frames are released by time, not by events
+            handled = False
             if self.sock.poll(wait_ms, zmq.POLLIN):
                 while True:
                     try:
                         self._handle(self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
+                        handled = True
                     except zmq.Again:
                         break
             now = self.clock()
@@ -259,7 +262,7 @@ class LinkSender:
             self._resend_due(now)
             if now - self._last_sent >= self.options.heartbeat_interval_s:
                 self._heartbeat(now)
-            if now >= deadline:
+            if handled or now >= deadline:
                 return
 
     def _heartbeat(self, now: float) -> None:
