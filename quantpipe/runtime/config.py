@@ -29,6 +29,7 @@ Example (all keys, with their defaults where they have one)::
     images = ""                     # image folder (ImageFolder = labelled); empty: synthetic input
     count = 200                     # images to stream
     rate = 0.0                      # images/s offered by the source (0: target_rate)
+    offset = 0                      # skip this many images of every class (those calibrated on)
 
     [sink]
     address = "tcp://127.0.0.1:5600"
@@ -65,6 +66,7 @@ else:  # pragma: no cover
 __all__ = ["StageConfig", "SourceConfig", "SinkConfig", "PipelineConfig", "load_config", "BUILTIN_PREFIX"]
 
 BUILTIN_PREFIX = "builtin:"
+_PATH_KEYS = ("stages_dir", "clip_table", "source.images", "sink.output")
 SHAPING = ("none", "emulate", "netns")
 
 
@@ -83,6 +85,7 @@ class SourceConfig:
     images: str = ""
     count: int = 200
     rate: float = 0.0
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,8 @@ class PipelineConfig:
             raise ConfigError(f"shaping '{self.shaping}': choose one of {', '.join(SHAPING)}")
         if self.bandwidth_schedule:
             RateSchedule.parse(self.bandwidth_schedule)
-        if self.source.count < 1 or self.source.rate < 0:
-            raise ConfigError("source.count must be >= 1 and source.rate >= 0 (0 = target_rate)")
+        if self.source.count < 1 or self.source.rate < 0 or self.source.offset < 0:
+            raise ConfigError("source.count must be >= 1, source.rate >= 0 (0 = target_rate), source.offset >= 0")
         needs_shape = any(s.engine.startswith(BUILTIN_PREFIX) for s in self.stages) and not self.stages_dir
         if needs_shape and not self.input_shape:
             raise ConfigError("builtin engines need pipeline.input_shape (per image, e.g. [197, 192])")
@@ -235,6 +238,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     for key, value in (overrides or {}).items():
         if value is None:
             continue
+        if key in _PATH_KEYS:
+            value = _resolve(Path.cwd(), str(value))  # a path given as a flag is relative to where you are
         if key.startswith("source."):
             source[key[7:]] = value
         elif key.startswith("sink."):

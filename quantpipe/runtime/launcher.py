@@ -234,6 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", help="image folder to stream (overrides source.images)")
     parser.add_argument("--count", type=int, help="images to stream (overrides source.count)")
     parser.add_argument("--rate", type=float, help="images/s offered by the source (default: target rate)")
+    parser.add_argument("--offset", type=int, help="skip this many images of every class (the calibration images)")
     parser.add_argument("--out", help="output directory (default runs/<time>)")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     add_overrides(parser)
@@ -241,7 +242,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     overrides = overrides_from(args)
-    overrides.update({"source.images": args.images, "source.count": args.count, "source.rate": args.rate})
+    overrides.update({"source.images": args.images, "source.count": args.count, "source.rate": args.rate,
+                      "source.offset": args.offset})
     cfg = load_config(args.config, overrides)
     if cfg.shaping == "netns" and os.geteuid() != 0:
         raise ConfigError("--shaping netns needs root (network namespaces and tc); use --shaping emulate")

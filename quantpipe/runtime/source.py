@@ -8,8 +8,10 @@ stages are quantized).
 
 Input, in order of preference:
 
-* ``--images DIR``: an ImageFolder (``<wnid>/*.jpg``, labelled) or any folder of images, preprocessed
-  exactly like timm's eval transform for the exported model (:mod:`quantpipe.calib.data`, needs PIL).
+* ``--images DIR``: an ImageFolder (``<wnid>/*.jpg``, labelled; ``source.offset`` skips the first
+  images of every class, e.g. those the clip table was calibrated on) or any folder of images,
+  preprocessed exactly like timm's eval transform for the exported model (:mod:`quantpipe.calib.data`,
+  needs PIL).
 * an exported model without images: quantpipe's synthetic, image-like pictures, same preprocessing.
 * builtin engines: deterministic random tensors of ``pipeline.input_shape`` (a pool of 16, cycled).
 
@@ -75,9 +77,9 @@ def load_inputs(cfg: PipelineConfig, images: str = "") -> Inputs:
     n = min(cfg.source.count, _MAX_PRELOADED)
     if images:
         try:
-            dataset = open_dataset("imagenet", images, num_images=n)
+            dataset = open_dataset("imagenet", images, offset=cfg.source.offset, num_images=n)
         except QuantpipeError:
-            dataset = open_dataset("folder", images, num_images=n)
+            dataset = open_dataset("folder", images, num_images=n)  # unlabelled: no classes to offset
     else:
         dataset = open_dataset("synthetic", num_images=min(n, 64))
     batches = list(iter_batches(dataset, Preprocess.from_config(data_config), batch_size=32, workers=2))

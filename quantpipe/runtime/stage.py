@@ -300,6 +300,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def add_overrides(parser: argparse.ArgumentParser) -> None:
     """Flags shared by 'quantpipe stage' and 'quantpipe run' that override [pipeline] keys."""
     g = parser.add_argument_group("pipeline overrides")
+    g.add_argument("--stages-dir", dest="stages_dir", help="export directory (manifest.json + stage graphs)")
     g.add_argument("--clip-table", dest="clip_table", help="clip table file")
     g.add_argument("--method", help="clip-table method for quantized boundaries")
     g.add_argument("--bits", dest="fixed_bits", type=int, help="fixed bitwidth (sets --policy fixed)")
@@ -313,7 +314,7 @@ def add_overrides(parser: argparse.ArgumentParser) -> None:
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("clip_table", "method", "fixed_bits", "policy", "target_rate", "window", "microbatch", "credits",
+    keys = ("stages_dir", "clip_table", "method", "fixed_bits", "policy", "target_rate", "window", "microbatch", "credits",
             "bandwidth_schedule", "shaping")
     out = {k: getattr(args, k, None) for k in keys}
     if out["fixed_bits"] is not None and out["policy"] is None:
