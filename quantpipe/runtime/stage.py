@@ -31,6 +31,7 @@ from quantpipe.errors import ConfigError, FrameError, QuantpipeError
 from quantpipe.quant import codec
 from quantpipe.runtime.builtin import make_builtin
 from quantpipe.runtime.config import BUILTIN_PREFIX, PipelineConfig, load_config
+from quantpipe.runtime.health import Health, HealthServer, stage_facts
 from quantpipe.runtime.link import LinkOptions, LinkReceiver, LinkSender, Message
 from quantpipe.runtime.metrics import DaemonMetrics
 from quantpipe.runtime.policy import make_policy
@@ -86,11 +87,12 @@ class StageDaemon:
         start_time: wall-clock t = 0 of the bandwidth schedule; None starts it with the first microbatch
             received (every stage then sees its step within a pipeline latency of the others).
         events: optional JSON-lines file that receives one record per policy window.
+        health_port: serve ``/healthz`` and ``/readyz`` on this port (0: a free one; None: not at all).
         ctx: ZeroMQ context (a new one by default).
     """
 
     def __init__(self, cfg: PipelineConfig, k: int, *, start_time: float | None = None, events: str = "",
-                 ctx: zmq.Context | None = None) -> None:
+                 health_port: int | None = None, ctx: zmq.Context | None = None) -> None:
         if not 0 <= k < len(cfg.stages):
             raise ConfigError(f"--stage {k}: the config has stages 0..{len(cfg.stages) - 1}")
         self.cfg, self.k = cfg, k
@@ -128,6 +130,9 @@ class StageDaemon:
         self.metrics.bits.set(self.bits)
         if hasattr(codec, "warmup"):
             codec.warmup()  # compile the fast kernel now, not on the first frame
+        self.health = Health(required=("engine", "upstream", "downstream"))
+        self.health_server = HealthServer(self.health, health_port, addr="0.0.0.0").start() \
+            if health_port is not None else None
         self.metrics.serve()
         self._event({"event": "ready", "bits": self.bits})
         log.info("stage %d: %s; in %s, out %s; bits %s (policy %s); config %s", k, self.engine.describe(),
@@ -204,6 +209,7 @@ class StageDaemon:
     def _idle(self) -> None:
         self.inbound.service()  # keep heartbeating upstream while blocked: busy is not dead
         self._apply_schedule()
+        self.health.beat(**stage_facts(self))
 
     def _apply_schedule(self) -> None:
         if self.schedule is None or self.outbound.shaper is None:
@@ -272,6 +278,7 @@ class StageDaemon:
                     self._apply_schedule()
                 self.process(msg)
             self._after_link_activity()
+            self.health.beat(**stage_facts(self))
         drained = self.outbound.drain(max(0.0, drain_timeout_s - (time.monotonic() - self._stop_at)),
                                       idle=self.inbound.service)
         log.info("stage %d: stopped (%s)", self.k, "drained" if drained else
@@ -280,6 +287,8 @@ class StageDaemon:
         return 0 if drained else 1
 
     def close(self) -> None:
+        if self.health_server is not None:
+            self.health_server.stop()
         self.inbound.close()
         self.outbound.close()
         self.engine.close()
@@ -295,6 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", help="stage graph or builtin:NAME (overrides the config)")
     parser.add_argument("--start-time", type=float, help="wall-clock t=0 of the bandwidth schedule (unix seconds)")
     parser.add_argument("--events", default="", help="append one JSON line per policy window to this file")
+    parser.add_argument("--health-port", type=int, help="serve /healthz and /readyz on this port")
 
 
 def add_overrides(parser: argparse.ArgumentParser) -> None:
@@ -338,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
     early: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: early.append(1))
     signal.signal(signal.SIGINT, lambda *_: early.append(1))
-    daemon = StageDaemon(cfg, args.stage, start_time=args.start_time, events=args.events)
+    daemon = StageDaemon(cfg, args.stage, start_time=args.start_time, events=args.events,
+                         health_port=args.health_port)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     if early:

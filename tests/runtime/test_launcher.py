@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -60,9 +61,10 @@ def test_quantpipe_run_streams_images_and_writes_the_timeline(tmp_path):
 
 
 def test_stage_daemon_serves_metrics_and_exits_0_on_sigterm(tmp_path):
-    port = _port()
+    port, health = _port(), _port()
     config = _config(tmp_path, metrics_port=port, policy="fixed", fixed_bits=32)
-    proc = subprocess.Popen([sys.executable, "-m", "quantpipe.cli", "stage", "--config", config, "--stage", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "quantpipe.cli", "stage", "--config", config, "--stage", "0",
+                             "--health-port", str(health)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -79,6 +81,10 @@ def test_stage_daemon_serves_metrics_and_exits_0_on_sigterm(tmp_path):
                      "quantpipe_codec_seconds_bucket", "quantpipe_resends_total"):
             assert name in body, name
         assert 'quantpipe_bitwidth{stage="0"} 32.0' in body
+        live = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2).read())
+        assert live["status"] == "ok"
+        with pytest.raises(urllib.error.HTTPError):  # no upstream or downstream peer yet: not ready
+            urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         assert "stopped (drained)" in proc.stdout.read()
