@@ -81,7 +81,12 @@ def test_stage_daemon_serves_metrics_and_exits_0_on_sigterm(tmp_path):
                      "quantpipe_codec_seconds_bucket", "quantpipe_resends_total"):
             assert name in body, name
         assert 'quantpipe_bitwidth{stage="0"} 32.0' in body
-        live = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2).read())
+        for _ in range(50):  # live once the loop has ticked
+            try:
+                live = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2).read())
+                break
+            except urllib.error.HTTPError:
+                time.sleep(0.1)
         assert live["status"] == "ok"
         with pytest.raises(urllib.error.HTTPError):  # no upstream or downstream peer yet: not ready
             urllib.request.urlopen(f"http://127.0.0.1:{health}/readyz", timeout=2)
