@@ -215,8 +215,11 @@ def run(args: argparse.Namespace) -> int:
                 inputs = image_inputs(args.verify_data, data_config, limit)
             else:
                 inputs = random_inputs(data_config["input_size"], args.verify_samples or 8)
-            report = verify_stages(model, stages, [g.path for g in graphs], inputs, batch_size=args.verify_batch,
-                                   rtol=args.rtol, min_cosine=args.min_cosine, threads=args.threads)
+            with tqdm(total=len(inputs.labels), desc="verify", unit="sample", disable=None, leave=False,
+                      file=sys.stderr) as samples:
+                report = verify_stages(model, stages, [g.path for g in graphs], inputs, batch_size=args.verify_batch,
+                                       rtol=args.rtol, min_cosine=args.min_cosine, threads=args.threads,
+                                       progress=samples.update)
             bar.update()
             timings["verify"] = time.perf_counter() - t0
             report.raise_if_failed()  # before the manifest: unverified graphs must not look usable

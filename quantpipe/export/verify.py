@@ -15,7 +15,7 @@ reference magnitude, and the smallest per-sample cosine similarity. Beyond toler
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,7 @@ def verify_stages(
     rtol: float = DEFAULT_RTOL,
     min_cosine: float = DEFAULT_MIN_COSINE,
     threads: int | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> VerifyReport:
     """Compare every stage graph and their chain with the torch model (onnxruntime on the CPU).
 
@@ -159,6 +160,7 @@ def verify_stages(
         batch_size: samples per forward pass (bounds memory).
         rtol / min_cosine: tolerance; see :data:`DEFAULT_RTOL`, :data:`DEFAULT_MIN_COSINE`.
         threads: onnxruntime intra-op threads.
+        progress: called with the number of samples done after each batch.
 
     Returns:
         The report; call :meth:`VerifyReport.raise_if_failed` to turn a failure into an error.
@@ -192,6 +194,8 @@ def verify_stages(
                     correct_torch += int(p_ref == label)
                     correct_onnx += int(p_onnx == label)
             log.debug("verified %d/%d", min(start + batch_size, images.shape[0]), images.shape[0])
+            if progress is not None:
+                progress(x.shape[0])
     for engine in engines:
         engine.close()
     report.comparisons = [split_exact, *per_stage, chain]
