@@ -102,22 +102,3 @@ def test_emulated_link_serializes_frames_at_its_rate():
     with pytest.raises(ConfigError):
         EmulatedLink(0, 0.0)
 
-
-def test_keys_command_writes_curve_certificates(tmp_path):
-    import stat
-
-    import zmq.auth
-
-    from quantpipe.cli import main
-    from quantpipe.errors import QuantpipeError
-    from quantpipe.runtime.keys import generate
-
-    assert main(["keys", "stage0", "sink", "--out", str(tmp_path)]) == 0
-    public, secret = zmq.auth.load_certificate(str(tmp_path / "stage0.key_secret"))
-    assert len(public) == 40 and len(secret) == 40  # Z85-encoded 32-byte keys
-    assert zmq.auth.load_certificate(str(tmp_path / "stage0.key"))[0] == public
-    assert stat.S_IMODE((tmp_path / "stage0.key_secret").stat().st_mode) == 0o600
-    with pytest.raises(QuantpipeError, match="already exists"):
-        generate(tmp_path, "stage0")
-    with pytest.raises(ConfigError):
-        generate(tmp_path, "../evil")
