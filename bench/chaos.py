@@ -50,7 +50,7 @@ import numpy as np
 
 from quantpipe import wire
 
-__all__ = ["Setup", "Cluster", "free_port", "expected_top5", "check_results", "kill_and_restart",
+__all__ = ["Setup", "Cluster", "free_port", "expected_top5", "check_results", "chaos_stream", "neighbour",
            "bad_messages", "send_oversized", "scrape_errors", "rss_kib"]
 
 PY = sys.executable
@@ -234,40 +234,80 @@ def check_results(lines: list[dict[str, Any]], expected: dict[int, list[list[flo
             "errors": sum(1 for r in lines if "error" in r), "wrong": wrong}
 
 
-def kill_and_restart(workdir: Path, target: str, setup: Setup | None = None, *, down_s: float = 0.5,
-                     settle_s: float = 15.0) -> dict[str, Any]:
-    """One chaos scenario (see the module docstring); returns its figures."""
+def neighbour(name: str, n_stages: int, side: str) -> str | None:
+    """The process ``name`` receives from (``side="upstream"``) or sends to (``"downstream"``)."""
+    order = ["source", *(f"stage{k}" for k in range(n_stages)), "sink"]
+    i = order.index(name) + (1 if side == "downstream" else -1)
+    return order[i] if 0 <= i < len(order) else None
+
+
+def chaos_stream(workdir: Path, targets: list[tuple[str, str | None]], setup: Setup | None = None, *,
+                 down_s: float = 0.5, freeze_s: float = 0.5, resume_timeout_s: float = 15.0,
+                 settle_s: float = 20.0, sig: int = signal.SIGKILL) -> dict[str, Any]:
+    """Stream once and kill -9 + restart each ``(target, freeze)`` in turn (see the module docstring).
+
+    ``freeze`` names the neighbour frozen with SIGSTOP for ``freeze_s`` just before the kill:
+
+    * ``"downstream"``: the target is blocked on credit, holding microbatches it has accepted (acked
+      upstream) but not handed on: the worst moment to die, and one every long stream has.
+    * ``"upstream"``: the target has handed on all it accepted; its upstream's window still holds
+      unacknowledged microbatches to resend. Measures resend + dedup + restart alone.
+    * None: whatever the moment is.
+
+    ``sig`` is the signal that stops the target (SIGTERM: a graceful shutdown, whose exit code and
+    duration are recorded). Recovery is restart -> the sink's first result for an image that was not yet inside the pipeline
+    when the target died (so results merely drained from downstream queues do not count).
+    The next kill waits until the stream has resumed. Returns per-kill and whole-stream figures.
+    """
     setup = setup or Setup()
     expected = expected_top5(setup)
+    kills: list[dict[str, Any]] = []
     with Cluster(workdir, setup) as c:
         c.start()
-        deadline = time.monotonic() + 60
-        while len(c.lines()) < setup.count // 4:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the stream did not start: {c.log_tail('sink')} / {c.log_tail('source')}")
-            time.sleep(0.01)
-        c.kill(target)
-        before = {int(r["id"]) for r in c.lines()}
-        time.sleep(down_s)
-        t_restart = time.monotonic()
-        c.spawn(target)
-        t_ready = c.wait_ready(target, 2) if target.startswith("stage") else None
-        recovery = None
-        end = t_restart + settle_s
-        while time.monotonic() < end:
-            lines = c.lines()
-            if recovery is None and any(int(r["id"]) not in before for r in lines):
-                recovery = time.monotonic() - t_restart
-            if c.procs["sink"].poll() is not None and len({int(r["id"]) for r in lines}) >= setup.count:
-                break
-            if recovery is not None and len(lines) >= setup.count and all(p.poll() is not None for n, p in
-                                                                          c.procs.items() if n == "sink"):
-                break
-            time.sleep(0.02)
+        # Images that can be inside the pipeline at once: a window per link, one microbatch per stage.
+        capacity = ((c.n + 1) * setup.credits + c.n) * setup.microbatch
+        for i, (target, freeze) in enumerate(targets):
+            goal = setup.count * (i + 1) // (len(targets) + 2)  # spread the kills over the stream
+            deadline = time.monotonic() + 60
+            while len(c.lines()) < goal:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the stream stalled before killing {target} ({len(c.lines())}/{goal} "
+                                       f"results): sink: {c.log_tail('sink', 3)}")
+                time.sleep(0.01)
+            frozen = neighbour(target, c.n, freeze) if freeze else None
+            if frozen:
+                c.kill(frozen, signal.SIGSTOP)
+                time.sleep(freeze_s)
+            t_signal = time.monotonic()
+            c.kill(target, sig)
+            stopped_s = time.monotonic() - t_signal
+            exit_code = c.procs[target].returncode
+            before = {int(r["id"]) for r in c.lines()}
+            if frozen:
+                c.kill(frozen, signal.SIGCONT)
+            time.sleep(down_s)
+            t_restart = time.monotonic()
+            c.spawn(target)
+            t_ready = c.wait_ready(target, c.starts[target]) if target.startswith("stage") else None
+            fresh = max(before, default=-1) + capacity
+            recovery = None
+            while recovery is None and time.monotonic() - t_restart < resume_timeout_s:
+                lines = c.lines()
+                if any(int(r["id"]) > fresh for r in lines) or (fresh >= setup.count - 1 and len(lines) >= setup.count):
+                    recovery = time.monotonic() - t_restart
+                time.sleep(0.02)
+            kills.append({"target": target, "freeze": freeze,
+                          "recovery_s": None if recovery is None else round(recovery, 3),
+                          "ready_after_restart_s": None if t_ready is None else round(t_ready - t_restart, 3),
+                          "answered_before_kill": len(before), "exit_code": exit_code,
+                          "stopped_after_s": round(stopped_s, 3)})
+            if recovery is None:
+                break  # the stream did not resume: the remaining kills would measure nothing
+        end = time.monotonic() + settle_s
+        while c.procs["sink"].poll() is None and time.monotonic() < end:
+            time.sleep(0.05)
         figures = check_results(c.lines(), expected)
-        figures.update(target=target, recovery_s=None if recovery is None else round(recovery, 3),
-                       ready_after_restart_s=None if t_ready is None else round(t_ready - t_restart, 3),
-                       answered_before_kill=len(before), sink_exit=c.procs["sink"].poll())
+        figures.update(kills=kills, sink_exit=c.procs["sink"].poll())
     return figures
 
 
