@@ -35,7 +35,7 @@ class Row:
     bits: float  # bitwidth the first shaped stage was sending at the end of the bin
     bandwidth_mbit: float  # that stage's latest bandwidth estimate
     output_rate: float  # results per second in the bin
-    accuracy: float  # top-1 of the bin's labelled results (nan: none)
+    accuracy: float  # top-1 of the labelled results of the trailing accuracy window (nan: none)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -52,8 +52,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def build(out_dir: Path, t0: float, schedule: RateSchedule | None, *, stage: int = 0, bin_s: float = 1.0,
-          t_end: float | None = None) -> list[Row]:
-    """Bin a run's files into rows from ``t0`` (wall clock) to the last result (or ``t_end``)."""
+          t_end: float | None = None, accuracy_s: float = 10.0) -> list[Row]:
+    """Bin a run's files into rows from ``t0`` (wall clock) to the last result (or ``t_end``); the
+    accuracy of a row is over the results of the trailing ``accuracy_s`` seconds."""
     results = read_jsonl(out_dir / "results.jsonl")
     labels = {r["id"]: r["label"] for r in read_jsonl(out_dir / "labels.jsonl")}
     windows = [e for e in read_jsonl(out_dir / f"events-stage{stage}.jsonl") if e.get("event") == "window"]
@@ -67,8 +68,9 @@ def build(out_dir: Path, t0: float, schedule: RateSchedule | None, *, stage: int
             bits, bw = windows[wi]["next_bits"], windows[wi]["bandwidth_Bps"] * 8 / 1e6
             wi += 1
         in_bin = [r for r in results if "t" in r and lo <= r["t"] < hi]
-        scored = [r for r in in_bin if labels.get(r["id"], -1) >= 0]
-        acc = sum(r["top5"][0][0] == labels[r["id"]] for r in scored) / len(scored) if scored else math.nan
+        # Top-1 of one bin's handful of images is mostly noise: score the trailing accuracy_s instead.
+        recent = [r for r in results if "top5" in r and hi - accuracy_s <= r["t"] < hi and labels.get(r["id"], -1) >= 0]
+        acc = sum(r["top5"][0][0] == labels[r["id"]] for r in recent) / len(recent) if recent else math.nan
         rows.append(Row(round(i * bin_s, 3), schedule.rate_at(i * bin_s) if schedule else math.nan, bits, bw,
                         len(in_bin) / bin_s, acc))
     return rows
@@ -104,7 +106,7 @@ def plot(rows: list[Row], path: Path, *, target_rate: float, title: str = "") ->
     ax[2].set_ylabel("images/s")
     ax[2].legend(loc="upper right", fontsize=8)
     ax[3].plot(t, [100 * r.accuracy for r in rows], color="C4")
-    ax[3].set_ylabel("top-1 %")
+    ax[3].set_ylabel("top-1 % (10 s)")
     ax[3].set_xlabel("time (s)")
     fig.suptitle(title or "QuantPipe adaptation: link rate, bitwidth, output rate, accuracy")
     fig.tight_layout()
