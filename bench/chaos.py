@@ -411,3 +411,115 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def fuzz_live(workdir: Path, n_bad: int = 100_000, n_oversized: int = 20) -> dict[str, Any]:
+    """The fuzz scenario (see the module docstring): returns what was sent, counted and answered."""
+    import collections
+
+    import zmq
+
+    from quantpipe.runtime.link import LinkOptions
+
+    setup = Setup(engines=("builtin:head:16",), count=400, rate=100.0, metrics=True)
+    expected = expected_top5(setup)
+    sent_by_kind = collections.Counter(kind for _, kind in bad_messages(n_bad))
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVHWM, 1)  # the heartbeats the daemon sends back are never read
+    raw.setsockopt(zmq.SNDTIMEO, 30_000)
+    with Cluster(workdir, setup) as c:
+        try:
+            c.start()
+            port, endpoint = c.metrics_ports[0], c.addresses[0]
+            raw.connect(endpoint)
+            t0 = time.monotonic()
+            cut = 0
+            for i, (frames, _) in enumerate(bad_messages(n_bad)):
+                raw.send_multipart(frames)  # blocks while the daemon's queue is full: backpressure, not loss
+                if i == n_bad // 2:
+                    cut = send_oversized(endpoint, n_oversized, LinkOptions().max_message_bytes + wire.HEADER_SIZE)
+            sent_s = time.monotonic() - t0
+            deadline = time.monotonic() + 60
+            while sum(scrape_errors(port).values()) < n_bad and time.monotonic() < deadline:
+                if c.procs["stage0"].poll() is not None:
+                    break
+                time.sleep(0.1)
+            counted_s = time.monotonic() - t0
+            sink_exit = c.procs["sink"].wait(60)
+            time.sleep(0.3)  # a straggler would show up as an extra count
+            counted = {k: int(v) for k, v in scrape_errors(port).items()}
+            alive = c.procs["stage0"].poll() is None
+            log = (Path(workdir) / "stage0.log").read_text()
+        finally:
+            raw.close(0)
+            ctx.term()
+        results = check_results(c.lines(), expected)
+    log_lines = sum(1 for line in log.splitlines() if "dropped a message" in line)
+    return {"bad_sent": n_bad, "sent_by_kind": dict(sent_by_kind), "counted_by_kind": counted,
+            "counted": sum(counted.values()), "oversized_connections": n_oversized, "oversized_cut": cut,
+            "send_s": round(sent_s, 2), "counted_after_s": round(counted_s, 2),
+            "rate_per_s": round(n_bad / counted_s), "daemon_alive": alive, "log_lines": log_lines,
+            "valid_images": setup.count, "sink_exit": sink_exit, **{f"valid_{k}": v for k, v in results.items()
+                                                                     if k in ("lost", "duplicated", "wrong", "errors")}}
+
+
+# --------------------------------------------------------------------------------------------- main
+_SCENARIOS = {
+    # name: (targets, setup, signal)
+    "stages": ([("source", None), ("stage1", "upstream"), ("stage0", "upstream"), ("stage2", "upstream")],
+               dict(count=1200, rate=200.0), signal.SIGKILL),
+    "busy": ([("stage1", "downstream")], dict(count=800, rate=200.0), signal.SIGKILL),
+    "sink": ([("sink", None)], dict(count=600, rate=200.0), signal.SIGKILL),
+    "sigterm": ([("stage1", None), ("stage0", None)], dict(count=600, rate=200.0), signal.SIGTERM),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=[*_SCENARIOS, "fuzz"], help="scenarios to run (default all)")
+    parser.add_argument("--fuzz", type=int, default=100_000, help="bad messages in the fuzz scenario")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--keep", help="keep the run directories here (logs, results) instead of a temp dir")
+    args = parser.parse_args(argv)
+    names = args.only or [*_SCENARIOS, "fuzz"]
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(args.keep or tmp)
+        for name in names:
+            t0 = time.monotonic()
+            if name == "fuzz":
+                report[name] = fuzz_live(base / name, args.fuzz)
+            else:
+                targets, kw, sig = _SCENARIOS[name]
+                report[name] = chaos_stream(base / name, targets, Setup(**kw), sig=sig, resume_timeout_s=10.0,
+                                            settle_s=5.0)
+            report[name]["wall_s"] = round(time.monotonic() - t0, 1)
+            if not args.json:
+                _print(name, report[name])
+    if args.json:
+        print(json.dumps(report, indent=2))
+    return 0
+
+
+def _print(name: str, r: dict[str, Any]) -> None:
+    if name == "fuzz":
+        print(f"fuzz: {r['bad_sent']} bad messages + {r['oversized_connections']} oversized connections; "
+              f"counted {r['counted']} ({r['counted_by_kind']}), cut by the socket {r['oversized_cut']}; "
+              f"{r['rate_per_s']}/s; daemon alive: {r['daemon_alive']}; {r['log_lines']} log lines; valid "
+              f"{r['valid_images']} images: lost {r['valid_lost']}, duplicated {r['valid_duplicated']}, "
+              f"wrong {r['valid_wrong']}, errors {r['valid_errors']}")
+        return
+    print(f"{name}: {r['submitted']} images, answered {r['answered']}, lost {r['lost']}, duplicated "
+          f"{r['duplicated']}, wrong {r['wrong']}, errors {r['errors']}, sink exit {r['sink_exit']}")
+    for k in r["kills"]:
+        rec = "did not resume" if k["recovery_s"] is None else f"resumed {k['recovery_s']:.2f} s after restart"
+        ready = "" if k["ready_after_restart_s"] is None else f" (ready after {k['ready_after_restart_s']:.2f} s)"
+        print(f"  {k['target']:<7} ({k['freeze'] or 'no'} neighbour frozen, exit {k['exit_code']}): {rec}{ready}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

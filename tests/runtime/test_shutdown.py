@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def test_sigterm_drains_in_flight_microbatches_and_exits_0(tmp_path):
     setup = Setup(engines=("builtin:linear", "builtin:head:16"), count=600, rate=200.0)
-    targets = [("stage1", None), ("stage0", None)]
+    targets = [("stage0", None)]  # the first stage: a live downstream to drain into, a source to resend
     figures = chaos_stream(tmp_path, targets, setup, sig=signal.SIGTERM, resume_timeout_s=10.0, settle_s=10.0)
     print("\nshutdown:", figures["kills"])
     for kill in figures["kills"]:
@@ -46,7 +46,7 @@ def test_stalled_sink_keeps_upstream_memory_bounded(tmp_path):
         watched = ["source", "stage0", "stage1"]
         samples: dict[str, list[int]] = {n: [] for n in watched}
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 5.0:
+        while time.monotonic() - t0 < 3.0:
             for n in watched:
                 samples[n].append(rss_kib(c.procs[n].pid))
             time.sleep(0.1)
