@@ -86,10 +86,11 @@ def _steady_rate(out, skip_s: float = 1.0) -> float:
 def test_fixed_bitwidth_fills_the_shaped_link(netns_prefix, tmp_path, bits, mbit):
     config = _config(tmp_path, policy="fixed", fixed_bits=bits, target_rate=1000.0,
                      bandwidth_schedule=f"0:{mbit:g}")
-    _run(netns_prefix, config, tmp_path / "out", "--count", "200")
+    _run(netns_prefix, config, tmp_path / "out", "--count", "160")
     per_image = FP32_IMAGE * bits / 32 + WIRE_OVERHEAD / MICROBATCH
     bound = mbit * 1e6 / 8 / per_image
     rate = _steady_rate(tmp_path / "out")
+    print(f"fixed {bits} bits on {mbit:g} Mbit/s: {rate:.2f} img/s, bound {bound:.2f} ({rate / bound:.1%})")
     assert rate >= 0.9 * bound, f"{rate:.1f} img/s at {bits} bits on {mbit} Mbit/s; bound {bound:.1f}"
 
 
@@ -118,4 +119,7 @@ def test_adapts_to_the_papers_bandwidth_steps(netns_prefix, tmp_path):
         # steady state (second half of the phase): the output rate holds the target within 10 %
         lo, hi = t0 + (start + end) / 2, t0 + end - 0.5
         rate = sum(1 for r in results if lo <= r["t"] < hi) / (hi - lo)
+        print(f"phase {phase} ({link[phase]:g} Mbit/s): decisions {decisions}, settled after "
+              f"{adapt['settled_after_windows']} window(s) = {adapt['settle_s']:.2f} s, steady {rate:.2f} img/s "
+              f"(target {target:.2f})")
         assert math.isclose(rate, target, rel_tol=0.10), (phase, rate, target)
