@@ -47,6 +47,7 @@ __all__ = [
     "engine_key",
     "gpu_info",
     "needs_fp16_graph",
+    "max_onnx_opset",
     "ENGINE_FORMAT",
 ]
 
@@ -82,6 +83,15 @@ def _major(trt: Any) -> int:
 def needs_fp16_graph() -> bool:
     """Whether this TensorRT builds fp16 only from fp16 graphs (strong typing, no fp16 builder flag: 11+)."""
     return not hasattr(_import_trt().BuilderFlag, "FP16")
+
+
+def max_onnx_opset() -> int | None:
+    """The newest ONNX opset this TensorRT's parser reads, where it is older than export's default.
+
+    TensorRT 8.6's ONNX parser stops at opset 17 (onnx-tensorrt's operator matrix), which JetPack 6 on
+    Jetson Orin still ships; TensorRT 10+ reads the opsets quantpipe exports. ``None`` = no known limit.
+    """
+    return 17 if _major(_import_trt()) < 10 else None
 
 
 def _logger(trt: Any) -> Any:
@@ -227,7 +237,10 @@ def build_engine(
     )
     if not parsed:
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise QuantpipeError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors}. Try another --opset")
+        limit = max_onnx_opset()
+        hint = f"TensorRT {trt.__version__} reads ONNX opsets up to {limit}: re-export with --opset {limit}" if limit else (
+            "try another --opset")
+        raise QuantpipeError(f"TensorRT {trt.__version__} cannot parse {onnx_path}: {errors}. {hint}")
     if network.num_inputs != 1 or network.num_outputs != 1:
         raise ArtifactMismatchError(f"{onnx_path} is not a quantpipe stage (one input, one output)")
     config = builder.create_builder_config()

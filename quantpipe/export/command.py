@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import quantpipe
 from quantpipe.engines import load_engine, tensorrt_available
-from quantpipe.engines.tensorrt import TensorRTEngine, build_stage_engines, needs_fp16_graph
+from quantpipe.engines.tensorrt import TensorRTEngine, build_stage_engines, max_onnx_opset, needs_fp16_graph
 from quantpipe.errors import ConfigError, MissingDependencyError, QuantpipeError
 from quantpipe.export.data import image_inputs, random_inputs
 from quantpipe.export.model import create_model, data_config_of, weights_source
@@ -136,6 +136,8 @@ def _check_args(args: argparse.Namespace) -> tuple[int, int, int]:
             "'quantpipe[tensorrt]' (tensorrt>=8.6 and polygraphy) on a machine with an NVIDIA GPU and driver, or use "
             "--engine onnxruntime"
         )
+    if args.engine == "tensorrt" and (limit := max_onnx_opset()) is not None and args.opset > limit:
+        raise ConfigError(f"this TensorRT reads ONNX opsets up to {limit}; add --opset {limit}")
     if (args.verify_samples is not None and args.verify_samples < 0) or args.verify_batch < 1:
         raise ConfigError("--verify-samples must be >= 0 and --verify-batch >= 1")
     return batch

@@ -192,3 +192,26 @@ def test_cached_plan_is_reused_until_its_key_changes(use_trt, tiny_stage, tmp_pa
     upgraded = backend.build_engine(tiny_stage, plan, batch=(1, 4, 16), timing_cache=cache)
     assert upgraded["key"]["tensorrt"] == "10.4.0"
     assert json.loads((tmp_path / "s.plan.json").read_text())["key"]["tensorrt"] == "10.4.0"
+
+
+@pytest.mark.parametrize("version, limit", [("8.6.1", 17), ("10.3.0", None), ("11.0.0", None)])
+def test_opset_limit_of_the_parser(use_trt, version, limit):
+    _, backend = use_trt(version)
+    assert backend.max_onnx_opset() == limit
+
+
+def test_parse_failure_on_8_6_suggests_opset_17(use_trt, tiny_stage, tmp_path):
+    trt, backend = use_trt("8.6.1")
+
+    class FailingParser(trt.OnnxParser):
+        num_errors = 1
+
+        def parse_from_file(self, path):
+            return False
+
+        def get_error(self, i):
+            return "In node 3 (parseGraph): INVALID_NODE: Split"
+
+    trt.OnnxParser = FailingParser
+    with pytest.raises(QuantpipeError, match="INVALID_NODE: Split.*up to 17: re-export with --opset 17"):
+        backend.build_engine(tiny_stage, tmp_path / "s.plan")
