@@ -58,7 +58,7 @@ def test_stage_killed_while_holding_accepted_microbatches_loses_nothing(tmp_path
 
 
 @pytest.mark.xfail(strict=True, reason="needs proposal 2 (the sink resumes from its output file) in "
-                   "quantpipe/runtime/sink.py")
+                   "quantpipe/runtime/sink.py and launcher.py, on top of proposal 1")
 def test_sink_restart_resumes_from_its_output_file(tmp_path):
     """A restarted sink keeps the lines already written (no truncation), skips ids it has, and takes the
     rest: the last stage resends what the dead sink had not acknowledged."""
