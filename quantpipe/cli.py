@@ -43,26 +43,23 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "bench": Subcommand("quantpipe.benchmarks.command", "benchmarks (codec, transport, ...)"),
 }
 
-# Top-level modules of optional dependencies -> the extra that installs them.
-_EXTRA_OF_MODULE = {
-    "torch": "export",
-    "timm": "export",
-    "onnx": "export",
-    "onnxscript": "export",
-    "safetensors": "export",
-    "PIL": "calib",
-    "matplotlib": "calib",
-    "tqdm": "calib",
-    "tensorrt": "tensorrt",
-    "polygraphy": "tensorrt",
+# The extras of pyproject.toml and the top-level modules each one installs.
+_EXTRAS: dict[str, frozenset[str]] = {
+    "export": frozenset({"torch", "timm", "onnx", "onnxscript", "safetensors", "tqdm"}),
+    "calib": frozenset({"PIL", "matplotlib", "tqdm"}),
+    "tensorrt": frozenset({"tensorrt", "polygraphy"}),
 }
+# The extra a subcommand's users install first (a module in several extras is named by this one).
+_EXTRA_OF_COMMAND = {"export": "export", "calibrate": "calib", "evaluate": "calib", "run": "calib"}
 
 
 def _missing_dependency_message(name: str, exc: ModuleNotFoundError) -> str | None:
     top = (exc.name or "").split(".")[0]
-    extra = _EXTRA_OF_MODULE.get(top)
-    if extra is None:
+    candidates = [extra for extra, modules in _EXTRAS.items() if top in modules]
+    if not candidates:
         return None
+    preferred = _EXTRA_OF_COMMAND.get(name)
+    extra = preferred if preferred in candidates else candidates[0]
     return (
         f"'quantpipe {name}' needs the optional dependency '{top}', which is not installed. "
         f"Install it with: pip install 'quantpipe[{extra}]'"
