@@ -40,7 +40,8 @@ import numpy as np
 
 from quantpipe.errors import ConfigError
 from quantpipe.quant import clipping
-from quantpipe.quant.clipping import METHODS, PER_CHANNEL_METHODS, BinnedRows, CalibrationDataError
+from quantpipe.quant.binned import BinnedRows
+from quantpipe.quant.clipping import METHODS, PER_CHANNEL_METHODS, CalibrationDataError
 from quantpipe.quant.primitives import check_bits
 
 __all__ = ["BoundaryObserver", "STATE_FORMAT", "STATE_VERSION"]
