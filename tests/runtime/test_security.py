@@ -221,3 +221,68 @@ def test_keys_never_reach_the_logs(keydir, caplog):
     assert any(r.name.endswith(".zap") for r in caplog.records)  # ... and so was pyzmq's own ZAP chatter
     for pair in secrets:  # ... without a single key in it
         assert pair.secret.decode() not in text and pair.public.decode() not in text
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="needs proposal 4 (pipeline.keys_dir, and security.context() in stage.py, "
+                   "source.py, sink.py)")
+def test_secured_pipeline_of_real_processes_refuses_injected_frames(tmp_path):
+    """`keys_dir` in the config: every link is CURVE. Intruders (plaintext, and CURVE with a key nobody
+    allow-listed) flood both stages with well-formed frames whose sequence numbers the real stream
+    will use, before and during it: had one been accepted, the real microbatch would be dropped as
+    a duplicate and a wrong result written."""
+    from bench.chaos import Cluster, Setup, check_results, expected_top5
+
+    keydir = tmp_path / "keys"
+    for name in ("source", "stage0", "stage1", "sink", "intruder"):
+        keys.generate(keydir, name)
+    setup = Setup(engines=("builtin:linear", "builtin:head:16"), count=200, rate=200.0,
+                  extra={"keys_dir": str(keydir)})
+    expected = expected_top5(setup)
+    plain_ctx = zmq.Context()
+    # The intruder knows each stage's public key (public keys are public), just is not allow-listed.
+    intruder_ctxs = [security.SecureContext(None, security.CurveClient.from_files(keydir / "intruder.key_secret",
+                                                                                  keydir / f"stage{k}.key"))
+                     for k in (0, 1)]
+    socks = []
+    with Cluster(tmp_path / "run", setup) as c:
+        try:
+            c.spawn("sink")
+            for k in (1, 0):
+                c.spawn(f"stage{k}")
+            for k in (0, 1):
+                c.wait_ready(f"stage{k}", 1)
+            for k, address in enumerate(c.addresses):
+                for ctx in (plain_ctx, intruder_ctxs[k]):
+                    s = ctx.socket(zmq.DEALER)
+                    s.setsockopt(zmq.LINGER, 0)
+                    s.connect(address)
+                    socks.append(s)
+
+            def inject() -> None:
+                for seq in range(50):
+                    forged = wire.encode_frame(np.full((4, *setup.input_shape), 1e3, np.float32), seq=seq,
+                                               first_id=4 * seq, stage=wire.SOURCE_STAGE)
+                    for s in socks:
+                        try:
+                            s.send_multipart(forged + [wire.pack_trace(time.time())], flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass  # no completed handshake, nowhere to queue
+
+            inject()
+            c.spawn("source")
+            inject()
+            assert c.procs["sink"].wait(60) == 0, c.log_tail("sink")
+        finally:
+            for s in socks:
+                s.close(0)
+            plain_ctx.term()
+            for ctx in intruder_ctxs:
+                ctx.term()
+    figures = check_results(c.lines(), expected)
+    assert (figures["lost"], figures["duplicated"], figures["wrong"], figures["errors"]) == (0, 0, 0, 0), figures
+    logs = "".join(p.read_text() for p in (tmp_path / "run").glob("*.log"))
+    assert "refused a CURVE client" in logs  # the allow-list said no to the intruder's key
+    for name in ("source", "stage0", "stage1", "sink", "intruder"):
+        pair = keys.load_keypair(keydir / f"{name}.key_secret")
+        assert pair.secret.decode() not in logs and pair.public.decode() not in logs
