@@ -73,6 +73,7 @@ class Setup:
     microbatch: int = 4
     credits: int = 4
     metrics: bool = False
+    health: bool = False  # serve /healthz and /readyz from each stage (quantpipe stage --health-port)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -87,6 +88,7 @@ class Cluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n = len(setup.engines)
         self.metrics_ports = [free_port() if setup.metrics else 0 for _ in range(self.n)]
+        self.health_ports = [free_port() if setup.health else 0 for _ in range(self.n)]
         self.addresses = [f"tcp://127.0.0.1:{free_port()}" for _ in range(self.n)]
         self.sink_address = f"tcp://127.0.0.1:{free_port()}"
         self.results = self.dir / "results.jsonl"
@@ -112,8 +114,9 @@ class Cluster:
         if name == "source":
             return [PY, "-m", "quantpipe.runtime.source", "--config", str(self.config)]
         k = int(name.removeprefix("stage"))
+        health = ["--health-port", str(self.health_ports[k])] if self.setup.health else []
         return [PY, "-m", "quantpipe.cli", "stage", "--config", str(self.config), "--stage", str(k),
-                "--events", str(self.dir / f"events-{name}.jsonl")]
+                "--events", str(self.dir / f"events-{name}.jsonl"), *health]
 
     def spawn(self, name: str) -> subprocess.Popen:
         self.starts[name] = self.starts.get(name, 0) + 1

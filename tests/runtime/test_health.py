@@ -151,3 +151,45 @@ def test_a_hung_stage_turns_unhealthy_and_recovers():
                 t.join(10)
         sink.close(0)
         server.stop()
+
+
+def _status(port: int, path: str) -> tuple[int, dict]:
+    try:
+        return _get(port, path)
+    except (urllib.error.URLError, ConnectionError):
+        return 0, {}  # not serving (yet)
+
+
+@pytest.mark.slow
+def test_stage_processes_serve_health_and_detect_a_hung_peer(tmp_path):
+    """Real `quantpipe stage` processes: ready while the stream flows; when the sink hangs (SIGSTOP) the
+    last stage's heartbeats go unanswered and /readyz names the downstream within a few heartbeat
+    intervals, while /healthz stays 200 (blocked on credit is not hung); thawed, ready again."""
+    import signal
+
+    from bench.chaos import Cluster, Setup
+
+    setup = Setup(engines=("builtin:linear", "builtin:head:16"), count=3000, rate=200.0, health=True)
+    with Cluster(tmp_path, setup) as c:
+        c.start()
+        last = c.health_ports[1]
+        deadline = time.monotonic() + 20
+        while any(_status(p, "/readyz")[0] != 200 for p in c.health_ports):
+            assert time.monotonic() < deadline, [_status(p, "/readyz") for p in c.health_ports]
+            time.sleep(0.1)
+        c.kill("sink", signal.SIGSTOP)
+        t_stop = time.monotonic()
+        while _status(last, "/readyz")[0] == 200:
+            assert time.monotonic() - t_stop < 10, "a hung sink was never noticed"
+            time.sleep(0.05)
+        detected_s = time.monotonic() - t_stop
+        code, body = _status(last, "/readyz")
+        assert code == 503 and body["missing"] == ["downstream"], body
+        assert _status(last, "/healthz")[0] == 200  # alive, only waiting
+        c.kill("sink", signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while _status(last, "/readyz")[0] != 200:
+            assert time.monotonic() < deadline, _status(last, "/readyz")
+            time.sleep(0.05)
+    print(f"\nhung sink noticed after {detected_s:.2f} s")
+    assert detected_s < 5.0  # peer_timeout_s (3 s) plus a heartbeat interval or two
