@@ -22,10 +22,12 @@ mkdir -p "$OUT"
 
 if [[ -f "$WEIGHTS" ]]; then
     MODEL=(--model deit_tiny_patch16_224 --checkpoint "$WEIGHTS")
+    SPLIT=4,8  # 12 blocks -> stages of 4
     CONFIG=tools/pipelines/deit-tiny.toml
 else
     echo "demo: $WEIGHTS not found: using timm's random 'test_vit' instead of DeiT-Tiny (accuracy is meaningless)" >&2
     MODEL=(--model test_vit)
+    SPLIT=2,4  # test_vit has 6 blocks -> stages of 2
     CONFIG=tools/pipelines/deit-tiny.toml
 fi
 if [[ -d "$IMAGES" ]]; then
@@ -40,7 +42,7 @@ else
 fi
 
 echo "== 1/3 export ($OUT/stages)"
-[[ -f "$OUT/stages/manifest.json" ]] || quantpipe export "${MODEL[@]}" --split 4,8 --out "$OUT/stages" "${VERIFY[@]}" --threads 1
+[[ -f "$OUT/stages/manifest.json" ]] || quantpipe export "${MODEL[@]}" --split "$SPLIT" --out "$OUT/stages" "${VERIFY[@]}" --threads 1
 echo "== 2/3 calibrate ($OUT/table.json)"
 [[ -f "$OUT/table.json" ]] || quantpipe calibrate --stages "$OUT/stages" "${CALIB_DATA[@]}" \
     --bits 2,4,6,8,16 --methods rot_mse_pc --threads 1 --out "$OUT/table.json"
