@@ -66,6 +66,15 @@ def _missing_dependency_message(name: str, exc: ModuleNotFoundError) -> str | No
     )
 
 
+def _missing_dependency(name: str, exc: ModuleNotFoundError) -> int:
+    """Print the 'install quantpipe[extra]' line for an optional dependency; re-raise anything else."""
+    message = _missing_dependency_message(name, exc)
+    if message is None:
+        raise exc
+    print(f"quantpipe {name}: error: {message}", file=sys.stderr)
+    return 1
+
+
 def _top_level_parser() -> argparse.ArgumentParser:
     lines = [f"  {name:<10} {sub.summary}" for name, sub in SUBCOMMANDS.items()]
     parser = argparse.ArgumentParser(
@@ -109,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(sub.module)
     except ModuleNotFoundError as exc:
-        message = _missing_dependency_message(name, exc)
-        if message is None:
-            raise
-        print(f"quantpipe {name}: error: {message}", file=sys.stderr)
-        return 1
+        return _missing_dependency(name, exc)
     parser = argparse.ArgumentParser(prog=f"quantpipe {name}", description=module.__doc__ and module.__doc__.strip().splitlines()[0])
     module.add_arguments(parser)
     _add_common(parser)
@@ -123,11 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         code = module.run(args)
     except ModuleNotFoundError as exc:
         # Heavy dependencies are imported inside the functions that need them.
-        message = _missing_dependency_message(name, exc)
-        if message is None:
-            raise
-        print(f"quantpipe {name}: error: {message}", file=sys.stderr)
-        return 1
+        return _missing_dependency(name, exc)
     except QuantpipeError as exc:
         print(f"quantpipe {name}: error: {exc}", file=sys.stderr)
         return 1

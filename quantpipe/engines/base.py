@@ -31,14 +31,19 @@ class Engine(abc.ABC):
 
     #: short backend name, e.g. ``"onnxruntime"`` or ``"tensorrt"``
     backend: str = ""
+    #: set by each backend's constructor from the loaded graph
+    _input: TensorSpec
+    _output: TensorSpec
 
     @property
-    @abc.abstractmethod
-    def input(self) -> TensorSpec: ...
+    def input(self) -> TensorSpec:
+        """The tensor the stage takes: the image batch (stage 0) or the previous boundary."""
+        return self._input
 
     @property
-    @abc.abstractmethod
-    def output(self) -> TensorSpec: ...
+    def output(self) -> TensorSpec:
+        """The tensor the stage produces: its boundary, or the logits (last stage)."""
+        return self._output
 
     @abc.abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -147,14 +147,6 @@ class OnnxRuntimeEngine(Engine):
         self._input = _spec(inputs[0])
         self._output = _spec(outputs[0])
 
-    @property
-    def input(self) -> TensorSpec:
-        return self._input
-
-    @property
-    def output(self) -> TensorSpec:
-        return self._output
-
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run one batch.
 

@@ -349,14 +349,6 @@ class TensorRTEngine(Engine):
         shape = tuple(None if d < 0 else int(d) for d in self._engine.get_tensor_shape(name))
         return TensorSpec(name=name, shape=shape, dtype=np.dtype(trt.nptype(self._engine.get_tensor_dtype(name))))
 
-    @property
-    def input(self) -> TensorSpec:
-        return self._input
-
-    @property
-    def output(self) -> TensorSpec:
-        return self._output
-
     def _device_buffer(self, name: str, nbytes: int) -> int:
         # Grow-only buffers: the pipeline runs a steady batch size, so this allocates once.
         entry = self._buffers[name]
