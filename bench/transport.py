@@ -73,6 +73,7 @@ def _receive(address: str, frames: int, result: mp.Queue) -> None:
             break
         wire.decode_frame(msg.frames)
         rx.accept(msg)
+        rx.done(msg.header.seq)  # consumed: the sender may forget it (custody)
         last = time.perf_counter()
         if got == 0:
             first = last

@@ -16,7 +16,7 @@ offset  size  field             meaning
 10      1     boundary          row of the clip table (range_kind 1)
 11      1     method            method index within the clip table (range_kind 1)
 12      2     stage             index of the sending stage (the source is 0xFFFF)
-14      1     msg_type          0 data, 1 ack, 2 heartbeat, 3 error (see :class:`MsgType`)
+14      1     msg_type          0 data, 1 ack, 2 heartbeat, 3 error, 4 done (see :class:`MsgType`)
 15      1     reserved          0
 16      8     seq               microbatch sequence number
 24      8     first_id          id of the first image in the microbatch (ids are consecutive)
@@ -110,6 +110,7 @@ class MsgType(enum.IntEnum):
     ACK = 1
     HEARTBEAT = 2
     ERROR = 3
+    DONE = 4  # the receiver handed the microbatch on (runtime links: the sender may forget it)
 
 
 class RangeKind(enum.IntEnum):

@@ -24,6 +24,9 @@ Example (all keys, with their defaults where they have one)::
     bandwidth_schedule = ""         # e.g. "0:500,20:50,40:250" (s:Mbit/s) on stage-to-stage links
     shaping = "emulate"             # how the schedule is applied: "emulate" (in-process), "netns" (tc)
     burst_bytes = 32768             # tc tbf burst (netns shaping)
+    keys_dir = ""                   # CURVE keys (quantpipe keys generate): every link encrypted and
+                                    # authenticated; the directory holds this process's NAME.key_secret
+                                    # and its neighbours' NAME.key (source, stage0.., sink). Empty: plaintext
 
     [source]
     images = ""                     # image folder (ImageFolder = labelled); empty: synthetic input
@@ -117,6 +120,7 @@ class PipelineConfig:
     bandwidth_schedule: str = ""
     shaping: str = "emulate"
     burst_bytes: int = 32768
+    keys_dir: str = ""
     source: SourceConfig = field(default_factory=SourceConfig)
     sink: SinkConfig = field(default_factory=SinkConfig)
 
@@ -155,6 +159,9 @@ class PipelineConfig:
             raise ConfigError(f"shaping '{self.shaping}': choose one of {', '.join(SHAPING)}")
         if self.bandwidth_schedule:
             RateSchedule.parse(self.bandwidth_schedule)
+        if self.keys_dir and not Path(self.keys_dir).is_dir():
+            raise ConfigError(f"keys_dir {self.keys_dir} is not a directory: create the keys with "
+                              "'quantpipe keys generate --out DIR --name NAME' for each process")
         if self.source.count < 1 or self.source.rate < 0 or self.source.offset < 0:
             raise ConfigError("source.count must be >= 1, source.rate >= 0 (0 = target_rate), source.offset >= 0")
         needs_shape = any(s.engine.startswith(BUILTIN_PREFIX) for s in self.stages) and not self.stages_dir
@@ -258,7 +265,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
                            "engine": _resolve(engine_base, str(s.get("engine", "")))})
             for i, s in enumerate(stages_raw)
         )
-        top.update(stages_dir=stages_dir, clip_table=_resolve(base, str(top.get("clip_table", ""))))
+        top.update(stages_dir=stages_dir, clip_table=_resolve(base, str(top.get("clip_table", ""))),
+                   keys_dir=_resolve(base, str(top.get("keys_dir", ""))))
         for key in ("bits", "input_shape"):
             if key in top:
                 top[key] = tuple(int(v) for v in top[key])

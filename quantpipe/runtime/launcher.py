@@ -116,6 +116,7 @@ class Pipeline:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         for f in self.out.glob("events-stage*.jsonl"):
             f.unlink()
+        (self.out / "results.jsonl").unlink(missing_ok=True)  # the sink resumes an existing file
         config = self.out / "config.json"
         config.write_text(json.dumps(self.cfg.to_document(), indent=2))
         py = [sys.executable, "-m"]

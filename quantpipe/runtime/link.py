@@ -21,16 +21,24 @@ The protocol on a link (all headers are :mod:`quantpipe.wire` headers, validated
 * ``DATA [header, payload(, crc), trace]`` and ``ERROR [header, body, trace]`` flow downstream; both
   carry the microbatch's sequence number ``seq``, which is the same on every hop.
 * ``ACK [header]`` (``seq`` = the accepted microbatch, ``first_id`` = the receiver's incarnation) is
-  sent after the receiver has validated the frame and taken it into its data path. It frees one
+  sent after the receiver has validated the frame and taken it in: it means *received*. It frees one
   **credit**: a sender never has more than ``window`` microbatches unacknowledged, which bounds the
   memory of every hop however slow the link or the next stage is (and, once the bandwidth is known,
   no more than ``inflight_delay_s`` worth of bytes, so a link that slows down drains quickly). The same acks drive the **bandwidth
   measurement** (:mod:`quantpipe.runtime.bandwidth`: acknowledged bytes over busy time).
+* ``DONE [header]`` means *handed on*: a stage sends it upstream once its own downstream acked its
+  output for that ``seq``, the sink once the results are written and flushed. Between ACK and DONE
+  the sender keeps the microbatch in **custody** and resends it if the receiver restarts (what it
+  held died with it), so "received" can be acknowledged early without risking a loss. Custody is
+  bounded (``2 * window + 2``): a receiver that takes but never hands on stops its sender, not its
+  memory. A DONE also counts as the ACK if that was lost; a duplicate of a finished ``seq`` is
+  answered with ACK and DONE again, and DONE goes to whichever sender last sent the ``seq`` (a
+  restarted upstream has a new routing id).
 * ``HEARTBEAT [header]`` (``first_id`` = the sender's incarnation, a random number per process) goes
   both ways when a side has sent nothing to its peer for ``heartbeat_interval_s``. A peer silent for
   ``peer_timeout_s`` is considered dead.
-* **Resend + dedup.** Unacked microbatches are resent at once when the receiver's incarnation changes
-  (it was restarted: whatever it held is gone), and after ``resend_timeout_s`` with capped exponential
+* **Resend + dedup.** Unacked microbatches and those in custody are resent at once when the receiver's
+  incarnation changes (it was restarted: whatever it held is gone), and after ``resend_timeout_s`` with capped exponential
   backoff while the peer is silent. Resends to a live peer would only duplicate data on a slow link, so
   they wait for the long ``resend_backoff_max_s``. The receiver drops duplicates by ``seq`` (and acks
   them again, so the sender stops resending).
@@ -127,6 +135,10 @@ class LinkSender:
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # only small control messages come back
         self.sock.connect(address)
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        # Acked (the receiver holds them) but not DONE (not yet handed on): resent if the receiver
+        # restarts, because what it held died with it.
+        self._custody: OrderedDict[int, _Pending] = OrderedDict()
+        self.on_ack: Callable[[int], None] = lambda seq: None
         self._inflight_bytes = 0
         now = clock()
         self._last_heard = -1e18
@@ -139,6 +151,11 @@ class LinkSender:
         """Microbatches sent (or queued to send) and not acknowledged."""
         return len(self._pending)
 
+    @property
+    def in_custody(self) -> int:
+        """Microbatches the receiver acknowledged but has not yet handed on (DONE): kept for a resend."""
+        return len(self._custody)
+
     def has_credit(self) -> bool:
         """Room for one more microbatch: fewer than ``window`` unacked, and (once the bandwidth is
         known) less than ``inflight_delay_s`` worth of bytes unacked. The byte bound keeps the data
@@ -146,6 +163,8 @@ class LinkSender:
         already in flight takes 10x longer to drain, and the new bitwidth only helps after that."""
         if len(self._pending) >= self.options.window:
             return False
+        if len(self._custody) >= 2 * self.options.window + 2:
+            return False  # the receiver holds all it can (its own window + one in hand): bounded memory
         limit = self.estimator.estimate * self.options.inflight_delay_s
         # Two frames are always allowed: with one, the link idles for a round trip after every frame.
         return len(self._pending) < 2 or limit <= 0 or self._inflight_bytes < limit
@@ -211,6 +230,13 @@ class LinkSender:
                     self.resends += 1
 
     def _resend_all(self) -> None:
+        if self._custody:  # what the dead receiver had accepted goes out again, first and in order
+            merged = OrderedDict(sorted([*self._custody.items(), *self._pending.items()]))
+            for p in self._custody.values():
+                self._inflight_bytes += p.nbytes
+                p.measured = False  # its ack was counted already; a resend is no bandwidth sample
+            self._custody.clear()
+            self._pending = merged
         for p in self._pending.values():
             p.on_wire = False
             p.release_at = None  # a resend crosses the (emulated) link again
@@ -229,17 +255,21 @@ class LinkSender:
         restarted = self.peer_incarnation not in (0, header.first_id)
         self.peer_incarnation = header.first_id
         if restarted:
-            log.warning("link %s: downstream restarted; resending %d unacknowledged microbatch(es)",
-                        self.address, len(self._pending))
+            log.warning("link %s: downstream restarted; resending %d microbatch(es) it had not handed on",
+                        self.address, len(self._pending) + len(self._custody))
             self._resend_all()
-        if header.msg_type == wire.MsgType.ACK:
+        if header.msg_type in (wire.MsgType.ACK, wire.MsgType.DONE):
             p = self._pending.pop(header.seq, None)
-            if p is not None:
+            if p is not None:  # first word of it (a DONE also implies an ack that may have been lost)
                 self._inflight_bytes -= p.nbytes
-            if p is not None and p.measured:
-                stats = self.estimator.on_ack(now, p.nbytes, p.images, p.bits, p.fp32_bytes)
-                if stats is not None:
-                    self._windows.append(stats)
+                self._custody[header.seq] = p
+                if p.measured:
+                    stats = self.estimator.on_ack(now, p.nbytes, p.images, p.bits, p.fp32_bytes)
+                    if stats is not None:
+                        self._windows.append(stats)
+                self.on_ack(header.seq)
+            if header.msg_type == wire.MsgType.DONE:
+                self._custody.pop(header.seq, None)
 
     def pump(self, timeout_s: float = 0.0) -> None:
         """Put queued frames on the link, resend, heartbeat, and handle acks/heartbeats: waits up to
@@ -287,12 +317,12 @@ class LinkSender:
         return True
 
     def drain(self, timeout_s: float, idle: Callable[[], None] = lambda: None) -> bool:
-        """Wait until everything sent is acknowledged (or ``timeout_s``). True if drained."""
+        """Wait until everything sent is handed on downstream (DONE) (or ``timeout_s``). True if drained."""
         deadline = self.clock() + timeout_s
-        while self._pending and self.clock() < deadline:
+        while (self._pending or self._custody) and self.clock() < deadline:
             self.pump(0.05)
             idle()
-        return not self._pending
+        return not (self._pending or self._custody)
 
     def close(self) -> None:
         self.sock.close(linger=0)  # unacked data is the upstream's to resend, never a reason to hang
@@ -363,6 +393,9 @@ class LinkReceiver:
         self.sock.bind(address)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._seen = _SeenSeqs(horizon=1 << 16)
+        self._done = _SeenSeqs(horizon=1 << 16)
+        # Accepted, not yet handed on: seq -> the routing id of the sender that holds it in custody.
+        self._holders: dict[int, bytes] = {}
         self._peers: dict[bytes, list[float]] = {}  # routing id -> [last heard, last sent]
         self._last_log = 0.0
         self._suppressed = 0
@@ -420,8 +453,8 @@ class LinkReceiver:
         self._peers.setdefault(peer, [now, 0.0])[0] = now
         if header.msg_type == wire.MsgType.HEARTBEAT:
             return None
-        if header.msg_type == wire.MsgType.ACK:
-            self._reject("malformed", "an ack arrived on a receiving link")
+        if header.msg_type in (wire.MsgType.ACK, wire.MsgType.DONE):
+            self._reject("malformed", f"a {header.msg_type.name.lower()} arrived on a receiving link")
             return None
         if len(frames) < 2:
             self._reject("malformed", "data or error message without its trace frame")
@@ -434,6 +467,12 @@ class LinkReceiver:
         if header.seq in self._seen:
             self.duplicates += 1
             self._ack(peer, header.seq)
+            if header.seq in self._done:  # its DONE may have been lost: the sender would keep it forever
+                self._send(peer, wire.encode_control(wire.MsgType.DONE, seq=header.seq, stage=self.stage,
+                                                     first_id=self.incarnation))
+            elif header.seq in self._holders:
+                # Resent by a restarted sender (a new routing id): the DONE must go to the live one.
+                self._holders[header.seq] = peer
             return None
         body_frames = frames[:-1]
         nbytes = sum(len(f) for f in frames)
@@ -447,13 +486,30 @@ class LinkReceiver:
         return Message(peer, header, body_frames, t_origin, nbytes, received_at=now)
 
     def accept(self, msg: Message) -> None:
-        """Take the message into the data path: ack it (frees the sender's credit) and remember its seq."""
+        """Take the message into the data path: ack it (frees the sender's credit) and remember its seq.
+
+        The sender keeps it in custody until :meth:`done` is called for the same seq."""
         self._seen.add(msg.header.seq)
+        self._holders[msg.header.seq] = msg.peer
         self._ack(msg.peer, msg.header.seq)
 
     def reject(self, msg: Message, exc: FrameError) -> None:
         """Drop a message whose payload failed validation (not acked: a resend may arrive intact)."""
         self._reject(exc.kind, f"microbatch {msg.header.seq}: {exc}")
+
+    def done(self, seq: int) -> None:
+        """Tell the sender of accepted microbatch ``seq`` that it was handed on (acked downstream, or
+        written by the sink): it may forget it. Unknown or already finished seqs are ignored."""
+        peer = self._holders.pop(seq, None)
+        if peer is None:
+            return
+        self._done.add(seq)
+        self._send(peer, wire.encode_control(wire.MsgType.DONE, seq=seq, stage=self.stage, first_id=self.incarnation))
+
+    @property
+    def holding(self) -> int:
+        """Microbatches accepted and not yet handed on (their sender still keeps them in custody)."""
+        return len(self._holders)
 
     def _ack(self, peer: bytes, seq: int) -> None:
         self._send(peer, wire.encode_control(wire.MsgType.ACK, seq=seq, stage=self.stage, first_id=self.incarnation))

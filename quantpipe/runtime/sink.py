@@ -10,6 +10,12 @@ holds them until the gap is filled)::
 (wall clocks of one machine, or NTP-synchronised devices). Scores are softmax probabilities over the
 flattened output of each image. The sink exits 0 after ``count`` results (results or errors).
 
+The output file is the record of what was answered: a restarted sink resumes from it (keeps its
+lines, cuts a torn last line, skips ids it has) and never truncates it. Only after results are
+written and flushed does the sink tell the last stage DONE (see :mod:`quantpipe.runtime.link`), so a
+sink killed at any moment loses nothing. A microbatch more than ``64 * credits`` ahead of the next one
+expected is refused (counted as ``ahead``), so forged sequence numbers cannot grow its memory.
+
 Run by ``quantpipe run``; by hand: ``python -m quantpipe.runtime.sink --config PIPELINE.toml --count N``.
 """
 
@@ -21,6 +27,7 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -28,6 +35,7 @@ import zmq
 
 from quantpipe import wire
 from quantpipe.errors import FrameError, QuantpipeError
+from quantpipe.runtime import security
 from quantpipe.runtime.config import PipelineConfig, load_config
 from quantpipe.runtime.link import LinkOptions, LinkReceiver, Message
 from quantpipe.runtime.metrics import DaemonMetrics
@@ -72,11 +80,15 @@ class Sink:
         self.keep_logits = keep_logits
         self.logits: dict[int, np.ndarray] = {}
         self.metrics = DaemonMetrics("sink")
-        self.ctx = ctx or zmq.Context()
+        self.ctx = ctx or security.context(cfg.keys_dir, len(cfg.stages), len(cfg.stages))
         self.link = LinkReceiver(self.ctx, cfg.sink.address, LinkOptions(window=cfg.credits), stage=SINK_STAGE,
                                  on_reject=self.metrics.error)
-        self._held: dict[int, list[dict[str, Any]]] = {}
+        self._held: dict[int, list[dict[str, Any]]] = {}  # seq -> results, until the gap before it fills
+        #: How far past the next expected seq a microbatch may be and still be held (bounds _held).
+        self.max_ahead = 64 * cfg.credits
         self._next_seq = 0
+        self._microbatch, self._total = cfg.microbatch, cfg.source.count
+        self._resumed_ids: set[int] = set()  # ids of the last, possibly incomplete, microbatch on file
         self.written = 0
         self.errors = 0
         self.stopping = False
@@ -115,19 +127,72 @@ class Sink:
                     return 1
                 continue
             last = time.monotonic()
+            seq = msg.header.seq
+            if seq < self._next_seq:  # written before a restart: the last stage resent it
+                self.link.accept(msg)
+                self.link.done(seq)
+                continue
+            if seq > self._next_seq + self.max_ahead:
+                # No real sender can be this far ahead (every link holds at most a few windows), and
+                # holding it would let an injector grow our memory without bound: refuse it, unacked.
+                self.link.reject(msg, FrameError(f"seq {seq} is more than {self.max_ahead} microbatches ahead of "
+                                                 f"the next one expected ({self._next_seq})", "ahead"))
+                continue
             results = self._results(msg)
             if results is None:
                 continue
-            self._held[msg.header.seq] = results
+            self._held[seq] = results
+            released = []
             while self._next_seq in self._held:  # release in order
                 for r in self._held.pop(self._next_seq):
+                    if r["id"] in self._resumed_ids:
+                        continue  # on file already (the microbatch a restart interrupted)
                     self.out.write(json.dumps(r) + "\n")
                     self.written += 1
                     self.errors += "error" in r
+                released.append(self._next_seq)
                 self._next_seq += 1
             self.out.flush()
+            for done in released:  # written: the last stage may forget them
+                self.link.done(done)
             self.metrics.images_in.inc(len(results))
         return 0 if self.written >= self.count else 1
+
+    def resume(self, path: str | Path) -> None:
+        """Continue an interrupted run from its output file (the record of what was answered).
+
+        Complete lines are kept and counted; a torn last line (killed mid-write) is cut off. Lines are
+        written in ``seq`` order, so only the last microbatch on file can be incomplete: it is taken
+        again and only its missing ids are written; earlier microbatches resent by the last stage are
+        acknowledged and dropped.
+        """
+        p = Path(path)
+        if not p.is_file():
+            return
+        data = p.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            with open(p, "r+b") as f:
+                f.truncate(end)
+        last: list[dict[str, Any]] = []
+        for n, line in enumerate(data[:end].splitlines(), 1):
+            try:
+                r = json.loads(line)
+                seq = int(r["seq"])
+                int(r["id"])  # every line must name its image
+            except (ValueError, KeyError, TypeError):
+                raise QuantpipeError(f"{p} line {n} is not a result line: move the file away to start afresh") from None
+            if last and seq != int(last[-1]["seq"]):
+                last = []
+            last.append(r)
+            self.written += 1
+            self.errors += "error" in r
+        if last:
+            seq, first = int(last[0]["seq"]), min(int(r["id"]) for r in last)
+            complete = len(last) >= min(self._microbatch, self._total - first)
+            self._next_seq = seq + 1 if complete else seq
+            self._resumed_ids = set() if complete else {int(r["id"]) for r in last}
+        log.info("sink: resuming %s: %d result(s) on file, waiting for microbatch %d", p, self.written, self._next_seq)
 
     def stop(self, *_: Any) -> None:
         self.stopping = True
@@ -149,8 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     except QuantpipeError as exc:
         print(f"sink: error: {exc}", file=sys.stderr)
         return 1
-    out = sys.stdout if cfg.sink.output == "-" else open(cfg.sink.output, "w")
-    sink = Sink(cfg, args.count or cfg.source.count, out)
+    sink = Sink(cfg, args.count or cfg.source.count, sys.stdout)
+    if cfg.sink.output != "-":
+        sink.resume(cfg.sink.output)  # a restarted sink goes on where it stopped; never truncate results
+        sink.out = out = open(cfg.sink.output, "a")
+    else:
+        out = sys.stdout
     signal.signal(signal.SIGTERM, sink.stop)
     signal.signal(signal.SIGINT, sink.stop)
     try:

@@ -39,6 +39,7 @@ import zmq
 
 from quantpipe import wire
 from quantpipe.errors import QuantpipeError
+from quantpipe.runtime import security
 from quantpipe.runtime.config import PipelineConfig, load_config
 from quantpipe.runtime.link import LinkOptions, LinkSender
 
@@ -104,7 +105,7 @@ class Source:
         self.cfg = cfg
         self.inputs = inputs
         self.labels = labels
-        self.ctx = ctx or zmq.Context()
+        self.ctx = ctx or security.context(cfg.keys_dir, -1, len(cfg.stages))
         self.link = LinkSender(self.ctx, cfg.stages[0].address, LinkOptions(window=cfg.credits),
                                stage=wire.SOURCE_STAGE, policy_window=cfg.window)
         self.stopping = False

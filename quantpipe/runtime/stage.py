@@ -29,6 +29,7 @@ from quantpipe import wire
 from quantpipe.engines.base import Engine
 from quantpipe.errors import ConfigError, FrameError, QuantpipeError
 from quantpipe.quant import codec
+from quantpipe.runtime import security
 from quantpipe.runtime.builtin import make_builtin
 from quantpipe.runtime.config import BUILTIN_PREFIX, PipelineConfig, load_config
 from quantpipe.runtime.health import Health, HealthServer, stage_facts
@@ -110,7 +111,7 @@ class StageDaemon:
                                       upgrade_margin=cfg.upgrade_margin, fixed_bits=cfg.fixed_bits)
         self.bits = self.policy.initial()
         self.fp32_per_image = 4 * int(np.prod(self.engine.output.shape[1:]))
-        self.ctx = ctx or zmq.Context()
+        self.ctx = ctx or security.context(cfg.keys_dir, k, len(cfg.stages))  # CURVE when keys_dir is set
         opts = LinkOptions(window=cfg.credits)
         self.schedule = cfg.schedule if (cfg.shaping == "emulate" and not self.last) else None
         shaper = None
@@ -122,6 +123,9 @@ class StageDaemon:
         nominal_s = cfg.window * cfg.microbatch / cfg.target_rate
         self.outbound = LinkSender(self.ctx, cfg.downstream_address(k), opts, stage=k, policy_window=cfg.window,
                                    max_window_s=2 * nominal_s, shaper=shaper)
+        # Custody: upstream may forget a microbatch (DONE) once our output for it is acked downstream
+        # (the same seq on every hop); until then it resends it if we die holding it.
+        self.outbound.on_ack = self.inbound.done
         self.events = Path(events) if events else None
         self.stopping = False
         self._stop_at = 0.0

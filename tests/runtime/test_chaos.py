@@ -43,8 +43,6 @@ def test_restart_of_source_and_each_stage_loses_and_duplicates_nothing(tmp_path)
             assert kill["recovery_s"] <= RESUME_S, kill
 
 
-@pytest.mark.xfail(strict=True, reason="needs proposal 1 (custody until handed on: DONE messages) in "
-                   "quantpipe/runtime/link.py, stage.py, sink.py and quantpipe/wire.py")
 def test_stage_killed_while_holding_accepted_microbatches_loses_nothing(tmp_path):
     """Each stage dies while its downstream is frozen, i.e. blocked on credit with microbatches it has
     acknowledged upstream but not handed on. Today the ack means "received", so those die with it: the
@@ -57,8 +55,6 @@ def test_stage_killed_while_holding_accepted_microbatches_loses_nothing(tmp_path
     assert all(k["recovery_s"] is not None and k["recovery_s"] <= RESUME_S for k in figures["kills"])
 
 
-@pytest.mark.xfail(strict=True, reason="needs proposal 2 (the sink resumes from its output file) in "
-                   "quantpipe/runtime/sink.py and launcher.py, on top of proposal 1")
 def test_sink_restart_resumes_from_its_output_file(tmp_path):
     """A restarted sink keeps the lines already written (no truncation), skips ids it has, and takes the
     rest: the last stage resends what the dead sink had not acknowledged."""

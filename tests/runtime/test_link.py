@@ -101,8 +101,10 @@ def test_receiver_restart_triggers_resend_of_unacked(ctx):
     try:
         tx.send(_frames(0), seq=0, images=1)
         tx.send(_frames(1), seq=1, images=1)
-        rx.accept(_receive(rx, tx))  # seq 0 accepted; seq 1 dies with the receiver
-        _until(lambda: tx.in_flight == 1, tx)
+        first = _receive(rx, tx)
+        rx.accept(first)  # seq 0 accepted ...
+        rx.done(0)  # ... and handed on; seq 1 dies with the receiver
+        _until(lambda: tx.in_flight == 1 and tx.in_custody == 0, tx)
         rx.close(0)
         for _ in range(50):  # the closed socket releases its port asynchronously
             try:
@@ -116,6 +118,62 @@ def test_receiver_restart_triggers_resend_of_unacked(ctx):
         _until(lambda: tx.in_flight == 0, tx)
     finally:
         tx.close()
+        rx.close(0)
+
+
+def _restart(rx: LinkReceiver, ctx) -> LinkReceiver:
+    endpoint = rx.endpoint
+    rx.close(0)
+    for _ in range(50):  # the closed socket releases its port asynchronously
+        try:
+            return LinkReceiver(ctx, endpoint, FAST, stage=1)
+        except zmq.ZMQError:
+            time.sleep(0.05)
+    raise AssertionError(f"could not bind {endpoint} again")
+
+
+def test_acked_but_not_handed_on_is_kept_in_custody_and_resent_after_a_restart(ctx):
+    rx = LinkReceiver(ctx, "tcp://127.0.0.1:*", FAST, stage=1)
+    tx = LinkSender(ctx, rx.endpoint, FAST, stage=0, policy_window=1)
+    try:
+        for seq in (0, 1):
+            tx.send(_frames(seq), seq=seq, images=1)
+        for _ in (0, 1):
+            rx.accept(_receive(rx, tx))  # both received (acked) ...
+        rx.done(0)  # ... only seq 0 handed on
+        _until(lambda: tx.in_flight == 0 and tx.in_custody == 1, tx)
+        assert len(tx.take_windows()) == 2  # the ack, not the DONE, is the bandwidth sample
+        rx = _restart(rx, ctx)  # seq 1 dies with the receiver that held it
+        msg = _receive(rx, tx, timeout_s=5.0)
+        assert msg.header.seq == 1 and tx.in_custody == 0
+        rx.accept(msg)
+        rx.done(1)
+        _until(lambda: tx.in_flight == 0 and tx.in_custody == 0, tx)
+        assert tx.take_windows() == []  # a resend is no second bandwidth sample
+        assert tx.drain(1.0)
+    finally:
+        tx.close()
+        rx.close(0)
+
+
+def test_done_goes_to_the_sender_that_resent_after_its_own_restart(ctx):
+    rx = LinkReceiver(ctx, "tcp://127.0.0.1:*", FAST, stage=1)
+    old = LinkSender(ctx, rx.endpoint, FAST, stage=0)
+    new = LinkSender(ctx, rx.endpoint, FAST, stage=0)
+    try:
+        old.send(_frames(5), seq=5, images=1)
+        rx.accept(_receive(rx, old))
+        old.close()  # the sender dies; its replacement resends what it cannot know was taken
+        new.send(_frames(5), seq=5, images=1)
+        deadline = time.monotonic() + 3
+        while rx.duplicates == 0 and time.monotonic() < deadline:
+            new.pump(0.01)
+            assert rx.receive(0.02) is None  # dropped as a duplicate (and acked to the new sender)
+        _until(lambda: new.in_custody == 1, new)
+        rx.done(5)
+        _until(lambda: new.in_custody == 0 and new.in_flight == 0, new)
+    finally:
+        new.close()
         rx.close(0)
 
 

@@ -167,3 +167,67 @@ def test_memory_stays_bounded_when_the_sink_stalls():
     assert all(n <= credits for n in in_flight), in_flight
     # each stage holds at most its window plus the one microbatch it is blocked on
     assert accepted[1] <= credits + 1 and accepted[0] <= 2 * (credits + 1), accepted
+
+
+def _raw_sender(cfg: PipelineConfig, ctx):
+    import zmq
+
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(cfg.sink.address)
+    return s
+
+
+def _logits_frames(seq: int, first_id: int, n: int) -> list:
+    from quantpipe import wire
+
+    y = np.tile(np.arange(8, dtype=np.float32), (n, 1)) + first_id
+    return wire.encode_frame(y, seq=seq, first_id=first_id, stage=0) + [wire.pack_trace(time.time())]
+
+
+def test_sink_refuses_a_seq_absurdly_far_ahead_instead_of_holding_it():
+    import zmq
+
+    cfg = _cfg(["builtin:identity"], input_shape=(8,), microbatch=2, credits=2, source=SourceConfig(count=4))
+    out = io.StringIO()
+    sink = Sink(cfg, 4, out)
+    ctx = zmq.Context()
+    raw = _raw_sender(cfg, ctx)
+    try:
+        assert sink.max_ahead == 128
+        raw.send_multipart(_logits_frames(0 + sink.max_ahead + 1, 1000, 2))  # an injector's far-future seq
+        raw.send_multipart(_logits_frames(1, 2, 2))  # out of order but plausible: held
+        raw.send_multipart(_logits_frames(0, 0, 2))
+        assert sink.serve(timeout_s=5.0) == 0
+    finally:
+        raw.close(0)
+        sink.close(0)
+        ctx.destroy(0)
+    assert [json.loads(line)["id"] for line in out.getvalue().splitlines()] == [0, 1, 2, 3]
+    assert sink.metrics.error_count("ahead") == 1 and not sink._held
+
+
+def test_sink_resumes_from_its_output_file(tmp_path):
+    import zmq
+
+    cfg = _cfg(["builtin:identity"], input_shape=(8,), microbatch=2, source=SourceConfig(count=4))
+    path = tmp_path / "results.jsonl"
+    line = lambda i, seq: json.dumps({"id": i, "seq": seq, "top5": [[0, 1.0]]}) + "\n"  # noqa: E731
+    path.write_text(line(0, 0) + line(1, 0) + line(2, 1) + '{"id": 3, "se')  # killed mid-write
+    sink = Sink(cfg, 4, io.StringIO())
+    sink.resume(path)
+    assert (sink.written, sink._next_seq) == (3, 1)  # microbatch 1 is incomplete: take it again
+    assert path.read_text().endswith(line(2, 1))  # the torn line is cut off
+    ctx = zmq.Context()
+    raw = _raw_sender(cfg, ctx)
+    try:
+        with path.open("a") as f:
+            sink.out = f
+            raw.send_multipart(_logits_frames(0, 0, 2))  # resent by the last stage: on file already
+            raw.send_multipart(_logits_frames(1, 2, 2))
+            assert sink.serve(timeout_s=5.0) == 0
+    finally:
+        raw.close(0)
+        sink.close(0)
+        ctx.destroy(0)
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == [0, 1, 2, 3]

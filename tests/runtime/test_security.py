@@ -224,8 +224,6 @@ def test_keys_never_reach_the_logs(keydir, caplog):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="needs proposal 4 (pipeline.keys_dir, and security.context() in stage.py, "
-                   "source.py, sink.py)")
 def test_secured_pipeline_of_real_processes_refuses_injected_frames(tmp_path):
     """`keys_dir` in the config: every link is CURVE. Intruders (plaintext, and CURVE with a key nobody
     allow-listed) flood both stages with well-formed frames whose sequence numbers the real stream
