@@ -99,9 +99,9 @@ class Cluster:
 
     def _toml(self) -> str:
         s = self.setup
-        lines = ["[pipeline]", f"input_shape = {list(s.input_shape)}", 'policy = "fixed"', "fixed_bits = 32",
-                 f"target_rate = {s.rate}", f"microbatch = {s.microbatch}", f"credits = {s.credits}"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in s.extra.items()]
+        pipeline = {"input_shape": list(s.input_shape), "policy": "fixed", "fixed_bits": 32, "target_rate": s.rate,
+                    "microbatch": s.microbatch, "credits": s.credits, **s.extra}  # extra may override any key
+        lines = ["[pipeline]", *(f"{k} = {json.dumps(v)}" for k, v in pipeline.items())]
         lines += ["[source]", f"count = {s.count}", f"rate = {s.rate}",
                   "[sink]", f'address = "{self.sink_address}"', f'output = "{self.results}"']
         for engine, address, port in zip(s.engines, self.addresses, self.metrics_ports):

@@ -77,6 +77,7 @@ __all__ = [
     "parse_header",
     "encode_frame",
     "decode_frame",
+    "check_frame",
     "frame_nbytes",
     "TRACE_SIZE",
     "MAX_CONTROL_BODY",
@@ -273,6 +274,17 @@ def encode_frame(
     return frames
 
 
+def check_frame(
+    frames, *, table: RangeProvider | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD
+) -> FrameHeader:
+    """Validate a data message completely (everything :func:`decode_frame` checks) without decoding it.
+
+    A receiver that acknowledges on arrival calls this first: a frame that passes cannot fail to
+    decode for a reason a resend could fix, so acknowledging it before the (costlier) decode is safe.
+    """
+    return _checked(frames, table, max_payload)[0]
+
+
 def decode_frame(
     frames, *, table: RangeProvider | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD
 ) -> tuple[FrameHeader, np.ndarray]:
@@ -280,6 +292,19 @@ def decode_frame(
 
     ``frames`` is the list from ``recv_multipart`` (bytes or zmq.Frame objects; zero-copy where possible).
     """
+    header, payload, lo, hi = _checked(frames, table, max_payload)
+    if header.range_kind == RangeKind.NONE:
+        return header, codec.decode(payload, header.shape, 32)
+    x = codec.decode(payload, header.shape, header.bits, lo, hi)
+    if header.range_kind == RangeKind.TABLE:
+        rot = table.transform(header.boundary, header.method)  # type: ignore[union-attr]  # checked
+        if rot is not None:
+            x = _rotate(x, rot.T)
+    return header, x
+
+
+def _checked(frames, table: RangeProvider | None, max_payload: int) -> tuple[FrameHeader, memoryview, object, object]:
+    """Every check of a data message; returns the header, the payload and the range to decode with."""
     if len(frames) not in (2, 3):
         raise FrameError(f"a data message has 2 or 3 frames, got {len(frames)}", "malformed")
     header = parse_header(_buffer(frames[0]), max_payload=max_payload)
@@ -296,9 +321,9 @@ def decode_frame(
         if len(crc_buf) != 4 or struct.unpack("<I", crc_buf)[0] != zlib.crc32(payload):
             raise FrameError("payload CRC mismatch: the frame is corrupted", "crc")
     if header.range_kind == RangeKind.NONE:
-        return header, codec.decode(payload, header.shape, 32)
+        return header, payload, None, None
     if header.range_kind == RangeKind.INLINE:
-        return header, codec.decode(payload, header.shape, header.bits, header.lo, header.hi)
+        return header, payload, header.lo, header.hi
     if table is None:
         raise FrameError("frame references a clip table but this receiver has none loaded", "table")
     if header.table_digest != table.digest:
@@ -313,11 +338,7 @@ def decode_frame(
                          f"{header.bits} bits ({exc})", "table") from None
     if np.ndim(lo) == 1 and np.shape(lo)[0] != header.shape[-1]:
         raise FrameError(f"clip table has {np.shape(lo)[0]} channels, frame has {header.shape[-1]}", "inconsistent")
-    x = codec.decode(payload, header.shape, header.bits, lo, hi)
-    rot = table.transform(header.boundary, header.method)
-    if rot is not None:
-        x = _rotate(x, rot.T)
-    return header, x
+    return header, payload, lo, hi
 
 
 def _buffer(frame) -> memoryview:

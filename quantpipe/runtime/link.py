@@ -30,8 +30,8 @@ The protocol on a link (all headers are :mod:`quantpipe.wire` headers, validated
   output for that ``seq``, the sink once the results are written and flushed. Between ACK and DONE
   the sender keeps the microbatch in **custody** and resends it if the receiver restarts (what it
   held died with it), so "received" can be acknowledged early without risking a loss. Custody is
-  bounded (``2 * window + 2``): a receiver that takes but never hands on stops its sender, not its
-  memory. A DONE also counts as the ACK if that was lost; a duplicate of a finished ``seq`` is
+  bounded (unacknowledged plus in custody at most ``2 * window + 2``): a receiver that takes but
+  never hands on stops its sender, not its memory. A DONE also counts as the ACK if that was lost; a duplicate of a finished ``seq`` is
   answered with ACK and DONE again, and DONE goes to whichever sender last sent the ``seq`` (a
   restarted upstream has a new routing id).
 * ``HEARTBEAT [header]`` (``first_id`` = the sender's incarnation, a random number per process) goes
@@ -152,6 +152,12 @@ class LinkSender:
         return len(self._pending)
 
     @property
+    def custody_limit(self) -> int:
+        """Most microbatches unacknowledged plus in custody: the receiver's window, one in hand, and
+        as many again for its next hop's window (``2 * window + 2``)."""
+        return 2 * self.options.window + 2
+
+    @property
     def in_custody(self) -> int:
         """Microbatches the receiver acknowledged but has not yet handed on (DONE): kept for a resend."""
         return len(self._custody)
@@ -163,8 +169,8 @@ class LinkSender:
         already in flight takes 10x longer to drain, and the new bitwidth only helps after that."""
         if len(self._pending) >= self.options.window:
             return False
-        if len(self._custody) >= 2 * self.options.window + 2:
-            return False  # the receiver holds all it can (its own window + one in hand): bounded memory
+        if len(self._pending) + len(self._custody) >= self.custody_limit:
+            return False  # the receiver holds all it may (acked, not handed on): bounded memory everywhere
         limit = self.estimator.estimate * self.options.inflight_delay_s
         # Two frames are always allowed: with one, the link idles for a round trip after every frame.
         return len(self._pending) < 2 or limit <= 0 or self._inflight_bytes < limit
@@ -401,8 +407,10 @@ class LinkReceiver:
         self._suppressed = 0
 
     def peer_alive(self) -> bool:
+        """Whether any sender was heard within ``peer_timeout_s`` (safe to call from another thread)."""
         now = self.clock()
-        return any(now - heard < self.options.peer_timeout_s for heard, _ in self._peers.values())
+        peers = tuple(self._peers.values())  # one atomic copy: the receiving thread may add peers meanwhile
+        return any(now - heard < self.options.peer_timeout_s for heard, _ in peers)
 
     def _reject(self, kind: str, detail: str) -> None:
         self.on_reject(kind)

@@ -1,8 +1,10 @@
 """``quantpipe stage``: the stage daemon, one per device.
 
 The data path (:meth:`StageDaemon.process`) reads top to bottom: receive a frame, decode it with the
-clip table, run the engine, choose the bitwidth, encode, send. Around it the daemon only keeps its two
-links alive (:mod:`quantpipe.runtime.link`: acks, credits, resends, heartbeats), closes a bandwidth
+clip table, run the engine, choose the bitwidth, encode, send. Frames are read, validated and
+acknowledged on arrival by a receiving thread (:mod:`quantpipe.runtime.inbox`), so that the
+upstream's bandwidth measurement sees the link and not this stage's compute. Around the data path the
+daemon only keeps its two links alive (:mod:`quantpipe.runtime.link`: acks, credits, resends, heartbeats), closes a bandwidth
 window every N acknowledged microbatches and asks the policy for the next bitwidth
 (:mod:`quantpipe.runtime.policy`), applies an emulated bandwidth schedule if configured, and exports
 Prometheus metrics (:mod:`quantpipe.runtime.metrics`).
@@ -33,6 +35,7 @@ from quantpipe.runtime import security
 from quantpipe.runtime.builtin import make_builtin
 from quantpipe.runtime.config import BUILTIN_PREFIX, PipelineConfig, load_config
 from quantpipe.runtime.health import Health, HealthServer, stage_facts
+from quantpipe.runtime.inbox import Inbox
 from quantpipe.runtime.link import LinkOptions, LinkReceiver, LinkSender, Message
 from quantpipe.runtime.metrics import DaemonMetrics
 from quantpipe.runtime.policy import make_policy
@@ -123,9 +126,13 @@ class StageDaemon:
         nominal_s = cfg.window * cfg.microbatch / cfg.target_rate
         self.outbound = LinkSender(self.ctx, cfg.downstream_address(k), opts, stage=k, policy_window=cfg.window,
                                    max_window_s=2 * nominal_s, shaper=shaper)
+        # Frames are read, validated and acked on arrival by a thread (quantpipe.runtime.inbox), so
+        # the upstream's bandwidth samples measure the link, not this stage's compute. The queue holds
+        # at most what the upstream may keep in custody here (LinkSender: 2 * window + 2).
+        self.inbox = Inbox(self.ctx, self.inbound, capacity=2 * cfg.credits + 2, validate=self._validate)
         # Custody: upstream may forget a microbatch (DONE) once our output for it is acked downstream
         # (the same seq on every hop); until then it resends it if we die holding it.
-        self.outbound.on_ack = self.inbound.done
+        self.outbound.on_ack = self.inbox.done
         self.events = Path(events) if events else None
         self.stopping = False
         self._stop_at = 0.0
@@ -147,17 +154,15 @@ class StageDaemon:
     def process(self, msg: Message) -> None:
         """Receive -> decode -> run the engine -> choose the bitwidth -> encode -> send."""
         if msg.header.msg_type == wire.MsgType.ERROR:  # an upstream failure: pass the report on
-            self.inbound.accept(msg)
             self._send(msg.frames + [wire.pack_trace(msg.t_origin)], msg.header.seq, msg.header.batch, 32, 0, False)
             return
         t0 = time.perf_counter()
-        try:
+        try:  # the inbox validated (check_frame) and acked it: from here on it ends as a result or an error
             header, x = wire.decode_frame(msg.frames, table=self.table, max_payload=self.inbound.options.max_message_bytes)
-        except FrameError as exc:
-            self.inbound.reject(msg, exc)
+        except (FrameError, ValueError) as exc:
+            self._report_error(msg.header, msg.t_origin, "decode", f"stage {self.k} could not decode: {exc}")
             return
         t1 = time.perf_counter()
-        self.inbound.accept(msg)
         self.metrics.images_in.inc(header.batch)
         self.metrics.decode_seconds.observe(t1 - t0)
         try:
@@ -176,6 +181,11 @@ class StageDaemon:
         self.metrics.encode_seconds.observe(time.perf_counter() - t2)
         self._send(frames + [wire.pack_trace(msg.t_origin)], header.seq, header.batch, bits,
                    self.fp32_per_image * header.batch, True)
+
+    def _validate(self, msg: Message) -> None:
+        """Runs in the inbox thread before the ack: refuse (unacked) what could not be decoded."""
+        if msg.header.msg_type == wire.MsgType.DATA:
+            wire.check_frame(msg.frames, table=self.table, max_payload=self.inbound.options.max_message_bytes)
 
     def _encode(self, y: np.ndarray, header: wire.FrameHeader, bits: int) -> list:
         common = dict(seq=header.seq, first_id=header.first_id, stage=self.k, bits=bits)
@@ -211,7 +221,7 @@ class StageDaemon:
 
     # ------------------------------------------------------------------------------ housekeeping
     def _idle(self) -> None:
-        self.inbound.service()  # keep heartbeating upstream while blocked: busy is not dead
+        self._check_inbox()
         self._apply_schedule()
         self.health.beat(**stage_facts(self))
 
@@ -264,36 +274,46 @@ class StageDaemon:
     def serve(self, drain_timeout_s: float = 10.0) -> int:
         """Run until :meth:`stop` (or SIGTERM), then drain the outbound link. Returns the exit code."""
         self.drain_timeout_s = drain_timeout_s
-        # One poller over both links: an ack is timed when it arrives, not when the daemon next looks
-        # (a late look would add its wait to the link's busy time and understate the bandwidth).
+        # One poller over the outbound link and the inbox: an ack is timed when it arrives, not when
+        # the daemon next looks (a late look would add its wait to the link's busy time).
         poller = zmq.Poller()
-        poller.register(self.inbound.sock, zmq.POLLIN)
         poller.register(self.outbound.sock, zmq.POLLIN)
+        poller.register(self.inbox.socket, zmq.POLLIN)
+        self.inbox.start()
         while not self.stopping:
-            ready = dict(poller.poll(10 if self.outbound.shaper is not None else 50))
+            wait_ms = 0 if self.inbox.queued else (10 if self.outbound.shaper is not None else 50)
+            poller.poll(wait_ms)
             self.outbound.pump(0.0)
             self._apply_schedule()
-            msg = self.inbound.receive(timeout_s=0.0) if self.inbound.sock in ready else None
-            if msg is None:
-                self.inbound.service()
-            else:
+            self._check_inbox()
+            msg = self.inbox.take()
+            if msg is not None:
                 if self.start_time is None:
                     self.start_time = time.time()
                     self._apply_schedule()
                 self.process(msg)
             self._after_link_activity()
             self.health.beat(**stage_facts(self))
+        # Take no new input, but hand on what was acknowledged already (else upstream resends it later).
+        self.inbox.pause()
+        while (msg := self.inbox.take()) is not None:
+            self.process(msg)
         drained = self.outbound.drain(max(0.0, drain_timeout_s - (time.monotonic() - self._stop_at)),
-                                      idle=self.inbound.service)
+                                      idle=self._check_inbox)
         log.info("stage %d: stopped (%s)", self.k, "drained" if drained else
-                 f"{self.outbound.in_flight} microbatch(es) unacknowledged after {drain_timeout_s:g} s")
+                 f"{self.outbound.in_flight + self.outbound.in_custody} microbatch(es) not handed on after "
+                 f"{drain_timeout_s:g} s")
         self.close()
         return 0 if drained else 1
+
+    def _check_inbox(self) -> None:
+        if self.inbox.failed is not None:  # a dead receiving thread would look like a silent upstream
+            raise RuntimeError(f"stage {self.k}: the receiving thread failed") from self.inbox.failed
 
     def close(self) -> None:
         if self.health_server is not None:
             self.health_server.stop()
-        self.inbound.close()
+        self.inbox.close()  # stops the receiving thread, which closes the inbound link
         self.outbound.close()
         self.engine.close()
 

@@ -160,13 +160,19 @@ def test_memory_stays_bounded_when_the_sink_stalls():
         feeder.start()
         time.sleep(2.0)
         in_flight = [source.link.in_flight] + [d.outbound.in_flight for d in daemons]
+        custody = [source.link.in_custody] + [d.outbound.in_custody for d in daemons]
+        queued = [d.inbox.queued for d in daemons]
         accepted = [d.metrics.images_in._value.get() for d in daemons]
         source.stop()
         feeder.join(10)
     stalled.close(0)
     assert all(n <= credits for n in in_flight), in_flight
-    # each stage holds at most its window plus the one microbatch it is blocked on
-    assert accepted[1] <= credits + 1 and accepted[0] <= 2 * (credits + 1), accepted
+    # Acked but not handed on (custody) and acked but not yet taken (the inbox): both bounded by the
+    # custody limit 2 * credits + 2, however many images the source offers.
+    assert all(n <= 2 * credits + 2 for n in custody + queued), (custody, queued)
+    # The last stage runs what the frozen sink's window takes plus the one it is blocked on; the first,
+    # what the last stage keeps in custody plus the one it is blocked on.
+    assert accepted[1] <= credits + 1 and accepted[0] <= (2 * credits + 2) + 1, accepted
 
 
 def _raw_sender(cfg: PipelineConfig, ctx):
