@@ -9,8 +9,8 @@ acknowledges a frame as soon as it has arrived and passed validation, whatever t
 
 Acknowledging before the microbatch is handed on is safe because of custody
 (:mod:`quantpipe.runtime.link`): the upstream keeps it until DONE and resends it if this process dies.
-Memory stays bounded by the same rule: a legitimate upstream never has more than ``2 * window + 2``
-microbatches in custody here, and the queue stops reading (leaving backpressure to the socket) at that
+Memory stays bounded by the same rule: a legitimate upstream never has more than ``window + 2``
+microbatches unacknowledged or in custody here, and the queue stops reading (leaving backpressure to the socket) at that
 size, so even a sender that ignores credits cannot grow it.
 
 ZeroMQ sockets are not thread-safe, so each socket belongs to one thread: the thread owns the

@@ -30,7 +30,7 @@ The protocol on a link (all headers are :mod:`quantpipe.wire` headers, validated
   output for that ``seq``, the sink once the results are written and flushed. Between ACK and DONE
   the sender keeps the microbatch in **custody** and resends it if the receiver restarts (what it
   held died with it), so "received" can be acknowledged early without risking a loss. Custody is
-  bounded (unacknowledged plus in custody at most ``2 * window + 2``): a receiver that takes but
+  bounded (unacknowledged plus in custody at most ``window + 2``): a receiver that takes but
   never hands on stops its sender, not its memory. A DONE also counts as the ACK if that was lost; a duplicate of a finished ``seq`` is
   answered with ACK and DONE again, and DONE goes to whichever sender last sent the ``seq`` (a
   restarted upstream has a new routing id).
@@ -153,9 +153,11 @@ class LinkSender:
 
     @property
     def custody_limit(self) -> int:
-        """Most microbatches unacknowledged plus in custody: the receiver's window, one in hand, and
-        as many again for its next hop's window (``2 * window + 2``)."""
-        return 2 * self.options.window + 2
+        """Most microbatches unacknowledged plus in custody (``window + 2``): enough for a full window
+        on the link plus one in the receiver's hand and one ready behind it. More would only queue
+        work at the receiver: after a link slows down, a deeper queue is a longer backlog to drain
+        before the output rate settles (the adaptation target)."""
+        return self.options.window + 2
 
     @property
     def in_custody(self) -> int:

@@ -128,8 +128,8 @@ class StageDaemon:
                                    max_window_s=2 * nominal_s, shaper=shaper)
         # Frames are read, validated and acked on arrival by a thread (quantpipe.runtime.inbox), so
         # the upstream's bandwidth samples measure the link, not this stage's compute. The queue holds
-        # at most what the upstream may keep in custody here (LinkSender: 2 * window + 2).
-        self.inbox = Inbox(self.ctx, self.inbound, capacity=2 * cfg.credits + 2, validate=self._validate)
+        # at most what the upstream may keep in custody here (LinkSender.custody_limit).
+        self.inbox = Inbox(self.ctx, self.inbound, capacity=cfg.credits + 2, validate=self._validate)
         # Custody: upstream may forget a microbatch (DONE) once our output for it is acked downstream
         # (the same seq on every hop); until then it resends it if we die holding it.
         self.outbound.on_ack = self.inbox.done
