@@ -18,7 +18,8 @@ started again with the same arguments. Figures per scenario:
 
 "Exactly once" when the *source* or the *sink* is killed: the source is the system of record of what
 was submitted (ids are deterministic: microbatch ``seq`` holds images ``seq*B ..``), so a restarted
-source submits the same stream again and the stages drop what they already accepted by ``seq``; the
+source (``--progress FILE --resume``) submits the stream again from just after the last microbatch
+stage 0 handed on, and stage 0 drops by ``seq`` the few it already accepted; the
 sink's output file is the system of record of what was answered, so a restarted sink must resume from
 it (append, skip ids already written), never truncate it.
 
@@ -112,7 +113,9 @@ class Cluster:
         if name == "sink":
             return [PY, "-m", "quantpipe.runtime.sink", "--config", str(self.config), "--timeout", "120"]
         if name == "source":
-            return [PY, "-m", "quantpipe.runtime.source", "--config", str(self.config)]
+            # The same arguments on every start: the first finds no progress file and starts at 0.
+            return [PY, "-m", "quantpipe.runtime.source", "--config", str(self.config),
+                    "--progress", str(self.dir / "source-progress.json"), "--resume"]
         k = int(name.removeprefix("stage"))
         health = ["--health-port", str(self.health_ports[k])] if self.setup.health else []
         return [PY, "-m", "quantpipe.cli", "stage", "--config", str(self.config), "--stage", str(k),

@@ -138,7 +138,8 @@ class LinkSender:
         # Acked (the receiver holds them) but not DONE (not yet handed on): resent if the receiver
         # restarts, because what it held died with it.
         self._custody: OrderedDict[int, _Pending] = OrderedDict()
-        self.on_ack: Callable[[int], None] = lambda seq: None
+        self.on_ack: Callable[[int], None] = lambda seq: None  # a seq was acked (first word of it)
+        self.on_done: Callable[[int], None] = lambda seq: None  # a seq was handed on: custody released
         self._inflight_bytes = 0
         now = clock()
         self._last_heard = -1e18
@@ -276,8 +277,8 @@ class LinkSender:
                     if stats is not None:
                         self._windows.append(stats)
                 self.on_ack(header.seq)
-            if header.msg_type == wire.MsgType.DONE:
-                self._custody.pop(header.seq, None)
+            if header.msg_type == wire.MsgType.DONE and self._custody.pop(header.seq, None) is not None:
+                self.on_done(header.seq)
 
     def pump(self, timeout_s: float = 0.0) -> None:
         """Put queued frames on the link, resend, heartbeat, and handle acks/heartbeats: waits up to

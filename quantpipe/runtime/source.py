@@ -18,6 +18,12 @@ Input, in order of preference:
 Images are cycled when ``count`` exceeds what the folder holds. One JSON line per image
 (``{"id", "label", "path"}``) goes to ``--labels`` so that results can be scored.
 
+**Restart.** With ``--progress FILE`` the source records, atomically, the highest ``seq`` up to
+which every microbatch was handed on by stage 0 (DONE: stage 1 holds it, so it survives the source).
+Restarted with ``--resume``, it starts right after that seq instead of replaying the stream from the
+start (stage 0 drops by ``seq`` the few it already took); without the file it starts at 0. The file
+names the stream's ``count`` and ``microbatch``; a file from another stream is refused.
+
 Run by ``quantpipe run``; by hand: ``python -m quantpipe.runtime.source --config PIPELINE.toml``.
 """
 
@@ -98,22 +104,77 @@ class Source:
         cfg: the pipeline config (stage 0's address, microbatch, credits, count, rate).
         inputs: what to send (from :func:`load_inputs`).
         labels: optional JSON-lines file for ``{"id", "label", "path"}`` per image.
+        progress: optional file that records the last microbatch handed on (see the module docstring).
+        resume: start after the microbatch recorded in ``progress`` (from 0 if the file does not exist).
         ctx: ZeroMQ context.
     """
 
-    def __init__(self, cfg: PipelineConfig, inputs: Inputs, *, labels: str = "", ctx: zmq.Context | None = None) -> None:
+    def __init__(self, cfg: PipelineConfig, inputs: Inputs, *, labels: str = "", progress: str = "",
+                 resume: bool = False, ctx: zmq.Context | None = None) -> None:
+        if resume and not progress:
+            raise QuantpipeError("--resume needs --progress FILE (where the previous run recorded its progress)")
         self.cfg = cfg
         self.inputs = inputs
         self.labels = labels
+        self.progress = Path(progress) if progress else None
+        #: First seq to send: 0, or one past the recorded progress with ``resume``.
+        self.start_seq = self._read_progress() + 1 if resume else 0
+        self._done_below = self.start_seq  # every seq below this one was handed on
+        self._done_above: set[int] = set()  # handed on out of order, above the watermark
+        self._recorded = self.start_seq - 1
+        self._recorded_at = 0.0
         self.ctx = ctx or security.context(cfg.keys_dir, -1, len(cfg.stages))
         self.link = LinkSender(self.ctx, cfg.stages[0].address, LinkOptions(window=cfg.credits),
                                stage=wire.SOURCE_STAGE, policy_window=cfg.window)
+        self.link.on_done = self._handed_on
         self.stopping = False
 
+    # -- progress (restart without replaying) ---------------------------------------------------
+    def _stream(self) -> dict[str, int]:
+        return {"count": self.cfg.source.count, "microbatch": self.cfg.microbatch}
+
+    def _read_progress(self) -> int:
+        """The recorded last handed-on seq, or -1 (nothing recorded yet)."""
+        assert self.progress is not None
+        if not self.progress.is_file():
+            return -1
+        try:
+            doc = json.loads(self.progress.read_text())
+            done = int(doc["done_through"])
+            stream = {k: int(doc[k]) for k in self._stream()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise QuantpipeError(f"cannot read source progress {self.progress} ({exc}): remove it to start "
+                                 "the stream from the beginning") from None
+        if stream != self._stream():
+            raise QuantpipeError(f"{self.progress} records a stream of {stream}, this config streams "
+                                 f"{self._stream()}: remove it to start afresh")
+        return done
+
+    def _handed_on(self, seq: int) -> None:
+        """Stage 0 sent DONE for ``seq``: advance the contiguous watermark; record it now and then."""
+        self._done_above.add(seq)
+        while self._done_below in self._done_above:
+            self._done_above.discard(self._done_below)
+            self._done_below += 1
+        if time.monotonic() - self._recorded_at >= 0.1:  # at most 10 writes/s: a restart replays < 0.1 s
+            self.record_progress()
+
+    def record_progress(self) -> None:
+        """Write the watermark atomically (a crash mid-write leaves the previous record intact)."""
+        done = self._done_below - 1
+        if self.progress is None or done == self._recorded:
+            return
+        tmp = self.progress.with_name(self.progress.name + ".tmp")
+        tmp.write_text(json.dumps({"done_through": done, **self._stream()}))
+        os.replace(tmp, self.progress)
+        self._recorded, self._recorded_at = done, time.monotonic()
+
     def microbatches(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(seq, first_id, images) for the whole stream, cycling the inputs."""
+        """(seq, first_id, images) from :attr:`start_seq` to the end of the stream, cycling the inputs."""
         n, mb = len(self.inputs.images), self.cfg.microbatch
         for seq, first in enumerate(range(0, self.cfg.source.count, mb)):
+            if seq < self.start_seq:
+                continue
             ids = np.arange(first, min(first + mb, self.cfg.source.count)) % n
             yield seq, first, np.ascontiguousarray(self.inputs.images[ids])
 
@@ -132,6 +193,8 @@ class Source:
         leaves (the launcher's t = 0 for schedules and the timeline).
         """
         self.write_labels()
+        if self.start_seq:
+            log.info("resuming after microbatch %d (recorded in %s)", self.start_seq - 1, self.progress)
         period = self.cfg.microbatch / self.cfg.source_rate
         start = t0 = time.monotonic()
         if started:
@@ -141,13 +204,13 @@ class Source:
         sent = 0
         for seq, first, x in self.microbatches():
             # Pace to the offered rate; keep the link serviced (acks, heartbeats) while waiting.
-            due = start + seq * period
+            due = start + (seq - self.start_seq) * period
             if time.monotonic() - due > 2 * period:
                 # Behind (the pipeline stalled): a live source, like a camera, does not replay at line
                 # rate the images it could not deliver in time; restart the clock instead of bursting,
                 # so the offered load never exceeds the rate.
                 start += time.monotonic() - due
-                due = start + seq * period
+                due = start + (seq - self.start_seq) * period
             while not self.stopping and time.monotonic() < due:
                 self.link.pump(min(0.01, max(0.0, due - time.monotonic())))
             if self.stopping or not self.link.wait_credit(should_stop=lambda: self.stopping):
@@ -158,6 +221,7 @@ class Source:
             sent += len(x)
             self.link.pump(0.0)
         drained = self.link.drain(drain_timeout_s)
+        self.record_progress()
         log.info("source: sent %d image(s) in %.1f s; %s", sent, time.monotonic() - t0,
                  "all acknowledged" if drained else f"{self.link.in_flight} microbatch(es) unacknowledged")
         self.link.close()
@@ -175,11 +239,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="images/s offered (overrides source.rate)")
     parser.add_argument("--labels", default="", help="write {id, label, path} JSON lines here")
     parser.add_argument("--started", default="", help="write {\"t\": time} here just before the first send")
+    parser.add_argument("--progress", default="", help="record the last microbatch handed on by stage 0 here")
+    parser.add_argument("--resume", action="store_true",
+                        help="start after the microbatch recorded in --progress (from the start if it does not exist)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s source: %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, {"source.count": args.count, "source.rate": args.rate})
-        source = Source(cfg, load_inputs(cfg, args.images), labels=args.labels)
+        source = Source(cfg, load_inputs(cfg, args.images), labels=args.labels, progress=args.progress,
+                        resume=args.resume)
     except QuantpipeError as exc:
         print(f"source: error: {exc}", file=sys.stderr)
         return 1

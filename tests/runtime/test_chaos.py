@@ -3,7 +3,8 @@
 Every submitted image id must have exactly one line (a result or an explicit error) in the sink's output:
 none lost, none duplicated, every result equal to the chained engines; after a stage restart the stream
 resumes within 5 s. What "exactly once" means when the source or the sink dies is in bench/chaos.py's
-docstring: the source replays its deterministic stream and the stages drop what they already accepted;
+docstring: the source resumes its deterministic stream after the last microbatch stage 0 handed on (--resume)
+and stage 0 drops what it already accepted;
 the sink resumes from its output file.
 """
 
@@ -37,6 +38,7 @@ def test_restart_of_source_and_each_stage_loses_and_duplicates_nothing(tmp_path)
     print("\nchaos:", figures["kills"])
     _exactly_once(figures)
     assert [k["target"] for k in figures["kills"]] == [t for t, _ in targets]
+    assert "resuming after microbatch" in (tmp_path / "source.log").read_text()  # no replay from the start
     for kill in figures["kills"]:
         assert kill["recovery_s"] is not None, kill
         if kill["target"].startswith("stage"):

@@ -238,3 +238,29 @@ def test_sink_resumes_from_its_output_file(tmp_path):
         sink.close(0)
         ctx.destroy(0)
     assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_source_resumes_after_the_recorded_progress(tmp_path):
+    from quantpipe.errors import QuantpipeError
+
+    cfg = _cfg(["builtin:identity"], input_shape=(4,), microbatch=2, source=SourceConfig(count=20))
+    progress = tmp_path / "progress.json"
+    inputs = load_inputs(cfg)
+    first = Source(cfg, inputs, progress=str(progress), resume=True)  # nothing recorded yet: from the start
+    try:
+        assert first.start_seq == 0
+        for seq in (1, 0, 3):  # DONE arrives out of order: only the contiguous prefix 0..1 counts
+            first._handed_on(seq)
+        first.record_progress()
+        assert json.loads(progress.read_text()) == {"done_through": 1, "count": 20, "microbatch": 2}
+    finally:
+        first.link.close()
+    again = Source(cfg, inputs, progress=str(progress), resume=True)
+    try:
+        assert [(seq, first_id) for seq, first_id, _ in again.microbatches()][:2] == [(2, 4), (3, 6)]
+    finally:
+        again.link.close()
+    with pytest.raises(QuantpipeError, match="remove it"):  # a record of another stream is refused
+        Source(cfg.replace(microbatch=4), inputs, progress=str(progress), resume=True)
+    with pytest.raises(QuantpipeError, match="--progress"):
+        Source(cfg, inputs, resume=True)
