@@ -11,7 +11,7 @@ Prometheus metrics (:mod:`quantpipe.runtime.metrics`).
 
 Stage k's output is boundary k; it is quantized only when another stage follows (the last stage
 sends float32 logits to the sink). SIGTERM (or SIGINT) stops accepting input, sends what was accepted,
-waits for it to be acknowledged and exits 0.
+waits until downstream has handed it on (DONE) and exits 0.
 """
 
 from __future__ import annotations

@@ -52,6 +52,12 @@ def test_load_resolves_paths_and_applies_overrides(tmp_path):
     assert cfg.allowed_bits((2, 4, 8, 16)) == [32, 8, 4]
 
 
+def test_keys_dir_resolves_against_the_config_file(tmp_path):
+    (tmp_path / "keys").mkdir()
+    cfg = load_config(_write(tmp_path, TOML.replace("microbatch = 4", 'microbatch = 4\nkeys_dir = "keys"')))
+    assert cfg.keys_dir == str(tmp_path / "keys")
+
+
 def test_resolved_document_round_trips_through_json(tmp_path):
     cfg = load_config(_write(tmp_path))
     again = load_config(_write(tmp_path, json.dumps(cfg.to_document()), "config.json"))
@@ -70,6 +76,7 @@ def test_resolved_document_round_trips_through_json(tmp_path):
     (lambda t: t + "\n[[stages]]\naddress = 'tcp://127.0.0.1:5602'\n", "no engine"),
     (lambda t: "[pipeline]\n", r"no \[\[stages\]\]"),
     (lambda t: "[pipeline\n", "cannot read"),
+    (lambda t: t.replace('microbatch = 4', 'microbatch = 4\nkeys_dir = "nokeys"'), "quantpipe keys generate"),
 ])
 def test_invalid_configs_say_what_to_fix(tmp_path, edit, message):
     with pytest.raises(ConfigError, match=message):
