@@ -29,9 +29,13 @@ on every device whatever version of the generator it runs; ``transform.kind``/``
 how the matrix was made. Methods sharing a rotation share one stored matrix per boundary (under the
 method's ``transform.key``). Loading checks every matrix is orthogonal.
 
-The digest covers everything except ``content_sha256`` itself: the canonical content is
+``content_sha256`` covers everything except itself: the canonical content is
 ``json.dumps(content, sort_keys=True, separators=(",", ":"))`` of the other keys. Loading recomputes it
 and refuses a file whose content does not match (a hand edit or a corrupted copy).
+
+The wire :attr:`ClipTable.digest` covers only what decoding depends on (``bits``, ``methods``,
+``boundaries``), not the provenance: two calibrations that produce the same ranges (say, run on two
+devices with the same command) interoperate even though their creation times differ.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ _GRANULARITIES = ("tensor", "channel")
 # Orthogonality tolerance of a stored rotation: float32 rounding of a 768x768 matrix stays far below.
 _ORTHO_TOL = 1e-4
 
+
+#: The keys a receiver decodes with; the wire digest covers these and nothing else.
+_DECODING_KEYS = ("bits", "methods", "boundaries")
 
 def canonical_sha256(content: Mapping[str, Any]) -> str:
     """Hex sha256 of the canonical JSON form of ``content`` (without its ``content_sha256`` key)."""
@@ -178,8 +185,10 @@ class ClipTable:
 
     @property
     def digest(self) -> int:
-        """First 4 bytes of :attr:`sha256` as a little-endian u32: what frames carry."""
-        return int.from_bytes(bytes.fromhex(self.sha256[:8]), "little")
+        """What frames carry: the first 4 bytes, as a little-endian u32, of the sha256 of the canonical
+        JSON of the decoding content (``bits``, ``methods``, ``boundaries``; provenance excluded)."""
+        decoding = {k: self._content[k] for k in _DECODING_KEYS}
+        return int.from_bytes(bytes.fromhex(canonical_sha256(decoding)[:8]), "little")
 
     def ranges(self, boundary: int, method: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
         """``(lo, hi)`` float32: 0-d for per-tensor methods, ``[C]`` for per-channel ones.
