@@ -357,6 +357,9 @@ def iter_batches(
     """
     if batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
+    # Import here, outside the per-image handler: a missing Pillow is an install problem (the CLI then
+    # names the extra), not a reason to report every image as unreadable.
+    import PIL.Image  # noqa: F401
 
     def load(item: tuple[int, Sample]) -> tuple[int, Sample, np.ndarray | None, str]:
         i, s = item
@@ -364,6 +367,8 @@ def iter_batches(
             if dataset.synthetic_shape is not None:
                 return i, s, preprocess(_synthetic_image(s, dataset.synthetic_shape)), ""
             return i, s, preprocess.load(s.path), ""
+        except ImportError:
+            raise
         except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
             return i, s, None, f"{type(exc).__name__}: {exc}"
 

@@ -179,3 +179,24 @@ def test_calibration_side_does_not_import_torch_or_timm():
             "print(heavy); sys.exit(bool(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_missing_pillow_is_an_install_error_not_unreadable_images(monkeypatch, tmp_path):
+    """Without Pillow, decoding must stop with ModuleNotFoundError (the CLI turns it into
+    'pip install quantpipe[calib]'), not skip every image as unreadable."""
+    import sys
+
+    from quantpipe.calib import data
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"not really a jpeg")
+    dataset = data.open_dataset("folder", folder)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    preprocess = data.Preprocess.from_config({"input_size": [3, 32, 32], "interpolation": "bilinear",
+                                              "crop_pct": 1.0, "crop_mode": "center",
+                                              "mean": [0.5] * 3, "std": [0.5] * 3})
+    with pytest.raises(ModuleNotFoundError):
+        list(data.iter_batches(dataset, preprocess, 4))
+    assert dataset.skipped == []
