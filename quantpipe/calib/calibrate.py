@@ -29,6 +29,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -236,7 +237,10 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    bits = parse_int_list(args.bits, "--bits")
+    # Refuse an unusable --out now, not after the whole calibration pass.
+    if Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a directory; give the table's file name, e.g. {Path(args.out) / 'clip_table.json'}")
+    bits = sorted(set(parse_int_list(args.bits, "--bits")))
     methods = resolve_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     dataset = dataset_from_args(args)
     log.info("calibrating on %d images of %s", len(dataset), dataset.root)

@@ -33,6 +33,7 @@ from quantpipe.calib.chain import StageChain, add_engine_arguments, quantize_bou
 from quantpipe.calib.data import Dataset, open_dataset
 from quantpipe.calib.report import AccuracyRow, EvalResult, MseRow, markdown_report, write_reports
 from quantpipe.errors import ConfigError, QuantpipeError
+from quantpipe.quant.primitives import WIRE_BITS
 from quantpipe.quant.table import ClipTable
 
 __all__ = ["DEFAULT_EVAL_BITS", "evaluate", "check_disjoint", "add_arguments", "run"]
@@ -165,7 +166,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Refuse an unusable --out now, not after the whole evaluation.
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory for the reports")
     bits = sorted(set(parse_int_list(args.bits, "--bits")), reverse=True)
+    unknown = [b for b in bits if b not in WIRE_BITS]
+    if unknown:
+        raise ConfigError(f"--bits {','.join(map(str, unknown))}: a boundary can carry only {', '.join(map(str, WIRE_BITS))} bits")
     dataset = dataset_from_args(args)
     with StageChain(args.stages, backend=args.engine, threads=args.threads) as chain:
         table = ClipTable.load(args.table, manifest=chain.manifest)

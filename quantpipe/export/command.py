@@ -126,6 +126,8 @@ def _remove_stale(out: Path, num_stages: int) -> None:
 def _check_args(args: argparse.Namespace) -> tuple[int, int, int]:
     """Refuse bad flag combinations before the slow work starts; return the batch range."""
     batch = parse_batch(args.batch)
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a directory for the stage graphs and manifest")
     if args.opset < MIN_OPSET:
         raise ConfigError(f"--opset {args.opset} is too old: ViT stages need LayerNormalization, opset >= {MIN_OPSET}")
     if args.fp16 and args.engine != "tensorrt":
