@@ -282,7 +282,7 @@ def open_dataset(
         return Dataset(kind, "synthetic", samples, desc, skipped, synthetic_shape=tuple(synthetic_size))
     if data_dir is None:
         raise ConfigError(f"--dataset {kind} needs --data-dir DIR")
-    root = Path(data_dir).expanduser()
+    root = Path(data_dir).expanduser().resolve()  # provenance must name it from any working directory
     if not root.is_dir():
         raise QuantpipeError(f"data directory {root} does not exist or is not a directory")
     desc["data_dir"] = str(root.resolve())
@@ -302,7 +302,7 @@ def open_dataset(
                 groups[index[d.name]] = [Sample(str(p), index[d.name]) for p in _list_images(d, skipped, recursive=True)]
             desc["classes"] = len(groups)
         else:
-            gt = Path(ground_truth) if ground_truth else next((root / n for n in _GROUND_TRUTH_NAMES if (root / n).is_file()), None)
+            gt = Path(ground_truth).expanduser().resolve() if ground_truth else next((root / n for n in _GROUND_TRUTH_NAMES if (root / n).is_file()), None)
             if gt is None:
                 raise QuantpipeError(
                     f"{root} has no <wnid>/ class folders and no ground-truth file ({', '.join(_GROUND_TRUTH_NAMES)}); "

@@ -59,10 +59,11 @@ class _Counts:
 
 
 def check_disjoint(table: ClipTable, dataset: Dataset) -> int:
-    """Number of evaluation images that the table was calibrated on (0 = disjoint).
+    """Number of evaluation images that the table was calibrated on (0 = disjoint, -1 = unknown).
 
     The calibration selection is rebuilt from the table's provenance (dataset kind, folder and
-    selection options); when its folder is not this one, the two cannot share images.
+    selection options); when its folder is not this one, the two cannot share images. When it cannot
+    be rebuilt (the folder moved, a ground-truth file is gone) the answer is -1: not provably disjoint.
     """
     cal = table.provenance.get("dataset") or {}
     if cal.get("kind") != dataset.kind:
@@ -75,7 +76,7 @@ def check_disjoint(table: ClipTable, dataset: Dataset) -> int:
                              ground_truth=cal.get("ground_truth"))
     except QuantpipeError as exc:
         log.warning("cannot rebuild the calibration selection to check for overlap: %s", exc)
-        return 0
+        return -1
     return len({s.path for s in calib.samples} & {s.path for s in dataset.samples})
 
 
@@ -181,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
             table.method_index(m)  # unknown names fail before any work
         overlap = check_disjoint(table, dataset)
         if overlap:
-            msg = (f"{overlap} of the {len(dataset)} evaluation images were used to calibrate {args.table}; "
+            what = (f"{overlap} of the {len(dataset)} evaluation images were" if overlap > 0 else
+                    "it cannot be checked (the calibration data named in the table is gone) whether the evaluation images were")
+            msg = (f"{what} used to calibrate {args.table}; "
                    f"choose disjoint images (e.g. --offset past the calibration's --per-class)")
             if not args.allow_overlap:
                 raise ConfigError(msg + " or pass --allow-overlap")

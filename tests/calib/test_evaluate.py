@@ -121,3 +121,19 @@ def test_missing_bits_and_methods_say_what_to_do(synthetic_stages, table_path, c
     assert "--bits" in capsys.readouterr().err
     assert main(base + ["--methods", "aciq_pc"]) == 1
     assert "quantpipe calibrate --methods" in capsys.readouterr().err
+
+
+def test_overlap_that_cannot_be_checked_is_not_taken_as_disjoint(tmp_path):
+    """A table whose calibration folder is gone cannot prove the evaluation images are new."""
+    from quantpipe.calib.evaluate import check_disjoint as check
+
+    class _Table:
+        provenance = {"dataset": {"kind": "folder", "data_dir": str(tmp_path / "gone"), "offset": 0}}
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"x")
+    dataset = open_dataset("folder", folder)
+    folder.joinpath("a.png").unlink()
+    folder.rmdir()
+    assert check(_Table(), dataset) == -1
