@@ -40,7 +40,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "stage": Subcommand("quantpipe.runtime.stage", "run one stage daemon (one per device)"),
     "run": Subcommand("quantpipe.runtime.launcher", "start a whole pipeline (source, stages, sink) on this machine"),
     "keys": Subcommand("quantpipe.runtime.keys", "generate CURVE key pairs for encrypted links"),
-    "bench": Subcommand("quantpipe.benchmarks.command", "benchmarks (codec, transport, ...)"),
+    "bench": Subcommand("quantpipe.benchmarks.command", "benchmarks (run it without a name to list them)"),
 }
 
 # The extras of pyproject.toml and the top-level modules each one installs.
