@@ -277,7 +277,7 @@ def load_manifest(directory: str | os.PathLike[str], verify: bool = True) -> Sta
         )
     try:
         data = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise QuantpipeError(f"cannot read {manifest_path} ({exc}); regenerate it with quantpipe export") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__

@@ -204,8 +204,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Measure and print the table (or JSON)."""
     shape = _parse_ints(args.shape, "shape")
-    if any(d <= 0 for d in shape):
-        raise ConfigError(f"--shape needs positive dimensions, got {args.shape!r}")
+    if any(d <= 0 for d in shape) or len(shape) < 2:
+        raise ConfigError(f"--shape needs at least two positive dimensions (samples, ..., channels), got {args.shape!r}")
     bits_list = _parse_ints(args.bits, "bits")
     bad = [b for b in bits_list if b not in WIRE_BITS]
     if bad:
