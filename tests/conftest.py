@@ -38,3 +38,19 @@ def imagenet_dev() -> Path:
     if not IMAGENET_DEV.is_dir():
         pytest.skip(f"{IMAGENET_DEV} not present")
     return IMAGENET_DEV
+
+
+@pytest.fixture(scope="session")
+def deit_tiny_stages(deit_tiny_weights, imagenet_dev, tmp_path_factory) -> Path:
+    """DeiT-Tiny exported once per test session at --split 4,8 (export's own verification on 16 real
+    images included): the slow tests of export and calibration share it instead of exporting twice."""
+    pytest.importorskip("timm")
+    from quantpipe.cli import main
+
+    out = tmp_path_factory.mktemp("deit") / "stages"
+    code = main([
+        "export", "--model", "deit_tiny_patch16_224", "--checkpoint", str(deit_tiny_weights), "--split", "4,8",
+        "--out", str(out), "--verify-data", str(imagenet_dev), "--verify-samples", "16", "--threads", "2", "-q",
+    ])
+    assert code == 0, "quantpipe export of DeiT-Tiny failed"
+    return out

@@ -14,13 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def deit_stages(deit_tiny_weights, tmp_path_factory):
-    pytest.importorskip("timm")
-    out = tmp_path_factory.mktemp("deit")
-    code = main(["export", "--model", "deit_tiny_patch16_224", "--checkpoint", str(deit_tiny_weights), "--split", "4,8",
-                 "--out", str(out), "--no-verify", "--threads", "2"])
-    assert code == 0
-    return out
+def deit_stages(deit_tiny_stages):
+    return deit_tiny_stages
 
 
 def test_calibrate_and_evaluate_deit_tiny_on_imagenet(deit_stages, imagenet_dev, tmp_path):

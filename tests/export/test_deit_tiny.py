@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from quantpipe.cli import main
 from quantpipe.engines import load_engine
 from quantpipe.manifest import load_manifest
 
@@ -15,14 +14,9 @@ IMAGES = 16  # small: the suite shares 2 cores; `quantpipe export ... --verify-s
 
 
 @pytest.mark.slow
-def test_deit_tiny_chain_matches_torch_on_real_images(deit_tiny_weights, imagenet_dev, tmp_path, capsys):
-    out = tmp_path / "deit"
-    code = main([
-        "export", "--model", MODEL, "--checkpoint", str(deit_tiny_weights), "--split", "4,8", "--out", str(out),
-        "--verify-data", str(imagenet_dev), "--verify-samples", str(IMAGES), "-q",
-    ])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+def test_deit_tiny_chain_matches_torch_on_real_images(deit_tiny_stages, deit_tiny_weights, imagenet_dev):
+    # deit_tiny_stages ran `quantpipe export ... --verify-data imagenet-dev --verify-samples 16` (exit 0)
+    out = deit_tiny_stages
     manifest = load_manifest(out)
     assert [s.blocks for s in manifest.stages] == [(0, 4), (4, 8), (8, 12)]
     assert [b.shape for b in manifest.boundaries] == [(None, 197, 192), (None, 197, 192)]
@@ -53,10 +47,8 @@ def test_deit_tiny_chain_matches_torch_on_real_images(deit_tiny_weights, imagene
         worst_rel = max(worst_rel, float(np.abs(h - ref).max() / np.abs(ref).max()))
         agree += int((h.argmax(1) == ref.argmax(1)).sum())
         correct += int((h.argmax(1) == np.array(inputs.labels[start : start + 8])).sum())
-    with capsys.disabled():
-        print(f"\nDeiT-Tiny split 4,8, {IMAGES} real images: chained ONNX vs torch logits max abs {worst_abs:.3e}, "
-              f"rel {worst_rel:.3e}, top-1 agreement {agree}/{IMAGES}, top-1 correct {correct}/{IMAGES}")
-        print(printed)
+    print(f"\nDeiT-Tiny split 4,8, {IMAGES} real images: chained ONNX vs torch logits max abs {worst_abs:.3e}, "
+          f"rel {worst_rel:.3e}, top-1 agreement {agree}/{IMAGES}, top-1 correct {correct}/{IMAGES}")
     assert agree == IMAGES  # top-1 identical
     assert worst_rel <= 1e-4  # what the quantization-off pipeline test downstream relies on
     assert correct >= IMAGES // 2  # real weights on real images: a broken preprocessing would be near 0
