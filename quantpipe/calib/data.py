@@ -275,7 +275,8 @@ def open_dataset(
     groups: dict[int, list[Sample]] = {}
     desc: dict[str, Any] = {"kind": kind, "offset": offset, "per_class": per_class, "num_images": num_images}
     if kind == "synthetic":
-        # ids continue past ``offset`` so that two selections with different offsets never share an image
+        # Synthetic images are ids offset..offset+count-1 (the offset is global, not per class as for
+        # folders): two selections are disjoint when one starts at or past the other's end.
         count = num_images if num_images is not None else (per_class or 1) * 8
         samples = [Sample(f"synthetic:{i}", i % synthetic_classes) for i in range(offset, offset + count)]
         desc["data_dir"] = None

@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> int:
             what = (f"{overlap} of the {len(dataset)} evaluation images were" if overlap > 0 else
                     "it cannot be checked (the calibration data named in the table is gone) whether the evaluation images were")
             msg = (f"{what} used to calibrate {args.table}; "
-                   f"choose disjoint images (e.g. --offset past the calibration's --per-class)")
+                   f"choose disjoint images (e.g. --offset past the calibration's --per-class; for --dataset synthetic, "
+                   f"past the calibration's last image id)")
             if not args.allow_overlap:
                 raise ConfigError(msg + " or pass --allow-overlap")
             log.warning(msg)
