@@ -41,14 +41,6 @@ class BuiltinEngine(Engine):
         self._weight = weight
         self._mean_tokens = mean_tokens
 
-    @property
-    def input(self) -> TensorSpec:
-        return self._input
-
-    @property
-    def output(self) -> TensorSpec:
-        return self._output
-
     def run(self, x: np.ndarray) -> np.ndarray:
         if x.shape[1:] != self._input.shape[1:]:
             raise ConfigError(f"builtin:{self.name} expects [B, {', '.join(map(str, self._input.shape[1:]))}], "
