@@ -66,6 +66,9 @@ class Pipeline:
         self.namespaces: list[str] = []
         if self.netns:
             cfg = self._namespaced(cfg)
+        # The sink writes into this run's directory: say so in the config every process logs and
+        # config.json records, rather than the path the TOML named.
+        cfg = dataclasses.replace(cfg, sink=dataclasses.replace(cfg.sink, output=str(out / "results.jsonl")))
         self.cfg = cfg
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Any] = {}
