@@ -48,6 +48,16 @@ def _until(cond, tx: LinkSender, timeout_s: float = 3.0, rx: LinkReceiver | None
             rx.service()
 
 
+def _raw_peer(ctx, rx, recv_timeout_ms: int | None = None):
+    """A bare DEALER connected to ``rx``: sends whatever a test hands it, no link protocol."""
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    if recv_timeout_ms is not None:
+        raw.setsockopt(zmq.RCVTIMEO, recv_timeout_ms)
+    raw.connect(rx.endpoint)
+    return raw
+
+
 def test_acks_return_credits_and_bound_the_window(ctx):
     rx = LinkReceiver(ctx, "tcp://127.0.0.1:*", FAST, stage=1)
     tx = LinkSender(ctx, rx.endpoint, FAST, stage=0, policy_window=2)
@@ -74,10 +84,7 @@ def test_acks_return_credits_and_bound_the_window(ctx):
 
 def test_duplicates_are_dropped_and_acked_again(ctx):
     rx = LinkReceiver(ctx, "tcp://127.0.0.1:*", FAST, stage=1)
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.setsockopt(zmq.RCVTIMEO, 2000)
-    raw.connect(rx.endpoint)
+    raw = _raw_peer(ctx, rx, recv_timeout_ms=2000)
     try:
         raw.send_multipart(_frames(7))
         msg = _receive(rx)
@@ -205,9 +212,7 @@ def test_live_receiver_survives_malformed_traffic(ctx):
         rejected[kind] = rejected.get(kind, 0) + 1
 
     rx = LinkReceiver(ctx, "tcp://127.0.0.1:*", FAST, stage=1, on_reject=count)
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(rx.endpoint)
+    raw = _raw_peer(ctx, rx)
     good = _frames(3)
     bad_crc = bytearray(good[0])
     bad_crc[20] ^= 1
@@ -229,9 +234,7 @@ def test_live_receiver_survives_malformed_traffic(ctx):
 
 def test_oversized_frames_are_cut_off_by_the_socket(ctx):
     rx = LinkReceiver(ctx, "tcp://127.0.0.1:*", FAST, stage=1)
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(rx.endpoint)
+    raw = _raw_peer(ctx, rx)
     try:
         raw.send_multipart([b"\0" * 64, b"\0" * (FAST.max_message_bytes + 1024)])  # over zmq.MAXMSGSIZE
         assert rx.receive(0.5) is None  # libzmq dropped the connection; nothing reached Python
