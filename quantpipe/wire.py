@@ -32,8 +32,11 @@ offset  size  field             meaning
 
 A receiver needs nothing but the frame and the shared clip table to decode it, so a sender may change
 bitwidth on any frame without a handshake. :func:`parse_header` validates every field and
-:func:`decode_frame` also checks the payload against the header; anything malformed, truncated,
+:func:`check_message` also checks the payload against the header; anything malformed, truncated,
 oversized, inconsistent or corrupted raises :class:`~quantpipe.errors.FrameError` with a ``kind``.
+This module only builds and parses frames: the numbers (rotation, clip, quantize, pack, and whether a
+table reference resolves) are :mod:`quantpipe.quant.linkcodec`'s, which daemons hold per link;
+:func:`encode_frame` / :func:`decode_frame` are one-off conveniences over it.
 
 Control messages (acks, heartbeats, errors) use the same header with an empty or small payload
 (:func:`encode_control` / :func:`decode_control`): ``bits`` 32, range kind none, ``shape`` ``(count,)``
@@ -78,6 +81,8 @@ __all__ = [
     "encode_frame",
     "decode_frame",
     "check_frame",
+    "check_message",
+    "payload_crc",
     "frame_nbytes",
     "TRACE_SIZE",
     "MAX_CONTROL_BODY",
@@ -227,6 +232,36 @@ def frame_nbytes(n_values: int, bits: int) -> int:
     return HEADER_SIZE + codec.encoded_nbytes(n_values, bits)
 
 
+def payload_crc(payload) -> bytes:
+    """The optional third frame of a data message: the payload's CRC-32, little-endian."""
+    return struct.pack("<I", zlib.crc32(payload))
+
+
+def check_message(frames, *, max_payload: int = DEFAULT_MAX_PAYLOAD) -> tuple[FrameHeader, memoryview]:
+    """Every structural check of a data message ``[header, payload(, crc)]``: the header's fields,
+    the payload's length and (when flagged) its CRC. Returns the header and a zero-copy view of the
+    payload. Whether a clip-table reference resolves is the decoder's check
+    (:meth:`quantpipe.quant.linkcodec.BoundaryCodec.check`). Raises :class:`FrameError`.
+    """
+    if len(frames) not in (2, 3):
+        raise FrameError(f"a data message has 2 or 3 frames, got {len(frames)}", "malformed")
+    header = parse_header(_buffer(frames[0]), max_payload=max_payload)
+    if header.msg_type != MsgType.DATA:
+        raise FrameError(f"expected a data frame, got {header.msg_type.name}", "malformed")
+    payload = _buffer(frames[1])
+    if len(payload) != header.payload_len:
+        raise FrameError(f"payload is {len(payload)} bytes, header says {header.payload_len}: truncated or padded", "length")
+    has_crc = bool(header.flags & FLAG_PAYLOAD_CRC)
+    if has_crc != (len(frames) == 3):
+        raise FrameError("payload CRC flag and frame count disagree", "malformed")
+    if has_crc:
+        crc_buf = bytes(_buffer(frames[2]))
+        if len(crc_buf) != 4 or struct.unpack("<I", crc_buf)[0] != zlib.crc32(payload):
+            raise FrameError("payload CRC mismatch: the frame is corrupted", "crc")
+    return header, payload
+
+
+# -- one-off convenience: tools, tests and calibration. Daemons hold a BoundaryCodec per link instead.
 def encode_frame(
     x: np.ndarray,
     *,
@@ -243,102 +278,37 @@ def encode_frame(
     """Encode a float32 tensor as a data message ``[header, payload(, crc)]``.
 
     Quantized frames take their range from ``table`` (per channel, referenced by boundary/method) or
-    from ``inline_range`` (per tensor, carried in the header).
+    from ``inline_range`` (per tensor, carried in the header). One of them is required below 32 bits.
     """
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    lo = hi = 0.0
-    digest = 0
-    if bits == 32:
-        kind, payload = RangeKind.NONE, codec.encode(x, 32)
-    elif table is not None:
-        kind, digest = RangeKind.TABLE, table.digest
-        rot = table.transform(boundary, method)
-        if rot is not None:
-            x = _rotate(x, rot)
-        r_lo, r_hi = table.ranges(boundary, method, bits)
-        payload = codec.encode(x, bits, r_lo, r_hi)
-    elif inline_range is not None:
-        kind = RangeKind.INLINE
-        lo, hi = (float(np.float32(v)) for v in inline_range)
-        payload = codec.encode(x, bits, lo, hi)
-    else:
+    if bits != 32 and table is None and inline_range is None:
         raise ValueError(f"encoding at {bits} bits needs a clip table or an inline range")
-    header = FrameHeader(
-        seq=seq, first_id=first_id, shape=x.shape, bits=bits, range_kind=kind, stage=stage,
-        boundary=boundary, method=method, table_digest=digest, lo=lo, hi=hi, payload_len=payload.size,
-        flags=FLAG_PAYLOAD_CRC if payload_crc else 0,
-    )
-    frames = [pack_header(header), payload]
-    if payload_crc:
-        frames.append(struct.pack("<I", zlib.crc32(payload)))
-    return frames
+    from quantpipe.quant.linkcodec import codec_for
+
+    return codec_for(table).encode(x, bits, seq=seq, first_id=first_id, stage=stage, boundary=boundary,
+                                   method=method, inline_range=inline_range, payload_crc=payload_crc)
 
 
 def check_frame(
     frames, *, table: RangeProvider | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD
 ) -> FrameHeader:
-    """Validate a data message completely (everything :func:`decode_frame` checks) without decoding it.
+    """Validate a data message completely (everything :func:`decode_frame` checks) without decoding it."""
+    from quantpipe.quant.linkcodec import codec_for
 
-    A receiver that acknowledges on arrival calls this first: a frame that passes cannot fail to
-    decode for a reason a resend could fix, so acknowledging it before the (costlier) decode is safe.
-    """
-    return _checked(frames, table, max_payload)[0]
+    return codec_for(table).check(frames, max_payload=max_payload).header
 
 
 def decode_frame(
     frames, *, table: RangeProvider | None = None, max_payload: int = DEFAULT_MAX_PAYLOAD
 ) -> tuple[FrameHeader, np.ndarray]:
-    """Validate and decode a data message. Returns the header and the float32 tensor.
+    """Validate and decode a data message. Returns the header and a float32 tensor the caller owns.
 
-    ``frames`` is the list from ``recv_multipart`` (bytes or zmq.Frame objects; zero-copy where possible).
+    ``frames`` is the list from ``recv_multipart`` (bytes or zmq.Frame objects).
     """
-    header, payload, lo, hi = _checked(frames, table, max_payload)
-    if header.range_kind == RangeKind.NONE:
-        return header, codec.decode(payload, header.shape, 32)
-    x = codec.decode(payload, header.shape, header.bits, lo, hi)
-    if header.range_kind == RangeKind.TABLE:
-        rot = table.transform(header.boundary, header.method)  # type: ignore[union-attr]  # checked
-        if rot is not None:
-            x = _rotate(x, rot.T)
-    return header, x
+    from quantpipe.quant.linkcodec import codec_for
 
-
-def _checked(frames, table: RangeProvider | None, max_payload: int) -> tuple[FrameHeader, memoryview, object, object]:
-    """Every check of a data message; returns the header, the payload and the range to decode with."""
-    if len(frames) not in (2, 3):
-        raise FrameError(f"a data message has 2 or 3 frames, got {len(frames)}", "malformed")
-    header = parse_header(_buffer(frames[0]), max_payload=max_payload)
-    if header.msg_type != MsgType.DATA:
-        raise FrameError(f"expected a data frame, got {header.msg_type.name}", "malformed")
-    payload = _buffer(frames[1])
-    if len(payload) != header.payload_len:
-        raise FrameError(f"payload is {len(payload)} bytes, header says {header.payload_len}: truncated or padded", "length")
-    has_crc = bool(header.flags & FLAG_PAYLOAD_CRC)
-    if has_crc != (len(frames) == 3):
-        raise FrameError("payload CRC flag and frame count disagree", "malformed")
-    if has_crc:
-        crc_buf = bytes(_buffer(frames[2]))
-        if len(crc_buf) != 4 or struct.unpack("<I", crc_buf)[0] != zlib.crc32(payload):
-            raise FrameError("payload CRC mismatch: the frame is corrupted", "crc")
-    if header.range_kind == RangeKind.NONE:
-        return header, payload, None, None
-    if header.range_kind == RangeKind.INLINE:
-        return header, payload, header.lo, header.hi
-    if table is None:
-        raise FrameError("frame references a clip table but this receiver has none loaded", "table")
-    if header.table_digest != table.digest:
-        raise FrameError(
-            f"frame references clip table {header.table_digest:08x}, this receiver holds {table.digest:08x}: "
-            "give every stage the same table", "table",
-        )
-    try:
-        lo, hi = table.ranges(header.boundary, header.method, header.bits)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise FrameError(f"clip table has no entry for boundary {header.boundary}, method {header.method}, "
-                         f"{header.bits} bits ({exc})", "table") from None
-    if np.ndim(lo) == 1 and np.shape(lo)[0] != header.shape[-1]:
-        raise FrameError(f"clip table has {np.shape(lo)[0]} channels, frame has {header.shape[-1]}", "inconsistent")
-    return header, payload, lo, hi
+    c = codec_for(table)
+    checked = c.check(frames, max_payload=max_payload)
+    return checked.header, c.decode(checked)
 
 
 def _buffer(frame) -> memoryview:
@@ -400,11 +370,3 @@ def decode_control(frames) -> tuple[FrameHeader, bytes]:
     if len(body) != header.payload_len:
         raise FrameError(f"control body is {len(body)} bytes, header says {header.payload_len}", "length")
     return header, body
-
-
-def _rotate(x: np.ndarray, rot: np.ndarray) -> np.ndarray:
-    """``x @ rot`` over the last axis as one 2-D BLAS call instead of numpy's per-matrix loop.
-
-    On a [32, 197, 192] boundary batch: 1.2-1.8x faster on an idle machine, far more under load.
-    """
-    return np.ascontiguousarray((x.reshape(-1, x.shape[-1]) @ rot).reshape(x.shape), dtype=np.float32)

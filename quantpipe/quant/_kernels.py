@@ -416,3 +416,34 @@ def warmup() -> None:
         out = np.empty((x.size * bits + 7) // 8, dtype=np.uint8)
         encode_into(x, lo, ones, bits, out)
         decode_into(out, ones, lo, bits, np.empty_like(x))
+
+
+# ------------------------------------------------------------------------------------------- rotation
+
+
+@njit(**_JIT)
+def _butterfly(top, bottom, n):
+    for i in range(n):
+        u = top[i]
+        w = bottom[i]
+        top[i] = u + w
+        bottom[i] = u - w
+
+
+@njit(**_JIT)
+def wht_rows(a, channels, groups, q):
+    """In place, per row of ``channels`` values: the Walsh-Hadamard butterfly over ``groups`` blocks of
+    ``q`` contiguous values (``channels = groups * q``, ``groups`` a power of two).
+
+    Unnormalized (``H H^T = groups * I``); :class:`quantpipe.quant.rotation.Rotation` folds the scale
+    into its sign vector. Slices keep every index non-negative, so the inner loop vectorizes.
+    """
+    for r in range(a.size // channels):
+        row = a[r * channels:(r + 1) * channels]
+        h = 1
+        while h < groups:
+            span = h * q
+            for start in range(0, channels, 2 * span):
+                block = row[start:start + 2 * span]
+                _butterfly(block[:span], block[span:], span)
+            h *= 2

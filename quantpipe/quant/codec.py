@@ -33,6 +33,8 @@ __all__ = [
     "decode",
     "backend",
     "warmup",
+    "PreparedRange",
+    "prepare_range",
 ]
 
 _ENV = "QUANTPIPE_CODEC"
@@ -264,3 +266,55 @@ def decode(
         result = np.empty(shape, dtype=np.float32)
     kernels.decode_into(buf, tables.step, tables.lo, bits, result.reshape(-1))
     return result
+
+
+class PreparedRange:
+    """A clip range at one bitwidth, validated and laid out for the kernels once: the hot-path form of
+    :func:`encode` / :func:`decode` for a daemon that reuses the same few ranges on every frame.
+
+    Produces exactly the bytes and floats of :func:`encode` / :func:`decode` with the same range (it is
+    the same code, minus the per-call validation, hashing and tiling of the range).
+    """
+
+    def __init__(self, lo, hi, bits: int) -> None:
+        self.bits = check_bits(bits, WIRE_BITS)
+        if self.bits == 32:
+            raise QuantizationInputError("32 bits is raw float32 and has no clip range to prepare")
+        self.lo, self.hi = as_range(np.asarray(lo, dtype=np.float32), np.asarray(hi, dtype=np.float32))
+        self.channels = int(self.lo.shape[0]) if self.lo.ndim else 0
+        kernels = _load_kernels()
+        self._tables = _tables_for((self.channels or 1,), self.lo, self.hi, self.bits) if kernels is not None else None
+
+    def _kernels(self) -> ModuleType | None:
+        kernels = _kernels_or_none()
+        return kernels if kernels is not None and self._tables is not None else None
+
+    def _check_channels(self, shape: tuple[int, ...]) -> None:
+        if self.channels and (not shape or shape[-1] != self.channels):
+            range_for_shape(shape, self.lo, self.hi)  # raises the precise error
+
+    def encode(self, x: np.ndarray, out: np.ndarray, *, allow_nan: bool = False) -> np.ndarray:
+        """Encode float32 ``x`` (C-contiguous, aligned) into ``out`` (uint8, :func:`encoded_nbytes` bytes)."""
+        self._check_channels(x.shape)
+        dest = out.reshape(-1)
+        kernels = self._kernels()
+        if kernels is None or x.size == 0:
+            return encode(x, self.bits, self.lo, self.hi, allow_nan=allow_nan, out=out)
+        nan_count = kernels.encode_into(x.reshape(-1), self._tables.lo, self._tables.inverse, self.bits, dest)
+        if nan_count and not allow_nan:
+            raise NonFiniteInputError(nan_count)
+        return out
+
+    def decode(self, payload: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Decode a uint8 payload into float32 ``out`` (its shape is the tensor's)."""
+        self._check_channels(out.shape)
+        kernels = self._kernels()
+        if kernels is None or out.size == 0:
+            return decode(payload, out.shape, self.bits, self.lo, self.hi, out=out)
+        kernels.decode_into(payload, self._tables.step, self._tables.lo, self.bits, out.reshape(-1))
+        return out
+
+
+def prepare_range(lo, hi, bits: int) -> PreparedRange:
+    """:class:`PreparedRange` of ``(lo, hi)`` at ``bits``; raises :class:`QuantizationInputError` if invalid."""
+    return PreparedRange(lo, hi, bits)

@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-__all__ = ["KINDS", "orthogonal_matrix", "hadamard_matrix", "hadamard_order_supported", "splitmix64"]
+__all__ = ["KINDS", "Rotation", "orthogonal_matrix", "hadamard_matrix", "hadamard_order_supported", "splitmix64"]
 
 KINDS: tuple[str, ...] = ("hadamard", "random")
 #: Orders of the Paley-I base matrices: prime q = 3 (mod 4) gives a Hadamard matrix of order q + 1.
@@ -144,3 +144,118 @@ def orthogonal_matrix(c: int, seed: int = 0, kind: str = "hadamard") -> np.ndarr
         q, upper = np.linalg.qr(g)
         r = q * np.where(np.diag(upper) < 0, -1.0, 1.0)[None, :]  # unique, Haar-distributed Q
     return np.ascontiguousarray(r, dtype=np.float32)
+
+
+#: Shortest contiguous run a butterfly stage works on (shorter ones are folded into the base product).
+_MIN_SPAN = 16
+
+
+class Rotation:
+    """An orthogonal ``R`` prepared for the hot path: ``apply(x) = x @ R`` and ``invert(y) = y @ R.T``.
+
+    A clip table stores ``R`` as a matrix. When ``R`` is exactly (to the float32 rounding the table
+    stores) a randomized Hadamard matrix ``diag(s) H / sqrt(C)`` built here, with ``H = S ⊗ B`` a
+    Sylvester matrix ``S`` of order ``2**k`` and a base ``B`` of order 1, 12 or 20 (:func:`hadamard_matrix`),
+    the product is computed as a fast transform instead of a dense ``[C, C]`` matmul::
+
+        x @ R = WHT_k((x * s / sqrt(C)) viewed as [2**k, q]) @ B            (q = 1, 12 or 20)
+
+    i.e. one multiply by the scaled signs, a Walsh-Hadamard butterfly over the ``2**k`` groups
+    (``k`` add/subtract stages, O(C log C)) and a ``q x q`` product per group: about ``q + log2(C)``
+    operations per value instead of ``C`` (on DeiT-Tiny's C = 192: 16 instead of 192). Any other
+    orthogonal matrix (the ``"random"`` kind) is applied as one float32 BLAS product. Both write into
+    buffers the caller reuses, and the results agree with the dense product to float32 rounding (not
+    bit for bit: the summation order differs), which is all a receiver needs: the codes are the
+    sender's, and decoding only inverts the rotation.
+    """
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        r = np.ascontiguousarray(matrix, dtype=np.float32)
+        if r.ndim != 2 or r.shape[0] != r.shape[1]:
+            raise ValueError(f"a rotation is a square matrix, got shape {r.shape}")
+        self.matrix = r
+        self.channels = c = r.shape[0]
+        self._base: np.ndarray | None = None
+        self._scaled_signs: np.ndarray | None = None
+        self.groups = 1
+        self.kind = "dense"
+        f = _factor(c) if hadamard_order_supported(c) else None
+        if f is not None:
+            h = hadamard_matrix(c)
+            signs = np.round(np.diag(r.astype(np.float64) @ h.T) / math.sqrt(c))
+            if np.all(np.abs(signs) == 1) and np.array_equal(
+                    r, np.ascontiguousarray(signs[:, None] * h / math.sqrt(c), dtype=np.float32)):
+                base, power = f
+                # H = S_(2**k) ⊗ B = S_(2**k / 2**j) ⊗ (S_(2**j) ⊗ B): fold the first stages into the base
+                # product so that every butterfly runs over at least _MIN_SPAN contiguous values.
+                while base < _MIN_SPAN and power > 1:
+                    base, power = base * 2, power // 2
+                self.kind = "hadamard"
+                self.groups = power
+                self._q = base
+                self._scaled_signs = (signs / math.sqrt(c)).astype(np.float32)
+                self._base = hadamard_matrix(base).astype(np.float32) if base > 1 else None
+                self._base_t = np.ascontiguousarray(self._base.T) if self._base is not None else None
+        self._tmp: np.ndarray | None = None
+
+    @property
+    def fast(self) -> bool:
+        """Whether the fast (Walsh-Hadamard) transform applies."""
+        return self.kind == "hadamard"
+
+    def _scratch(self, n: int) -> np.ndarray:
+        if self._tmp is None or self._tmp.size < n:
+            self._tmp = np.empty(n, dtype=np.float32)
+        return self._tmp[:n]
+
+    def apply(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[...] = x @ R`` over the last axis; ``out`` is a float32 array of x's size, not ``x``."""
+        x2 = x.reshape(-1, self.channels)
+        o2 = out.reshape(-1, self.channels)
+        if not self.fast:
+            np.matmul(x2, self.matrix, out=o2)
+            return out
+        if self._base is None:
+            np.multiply(x2, self._scaled_signs, out=o2)
+            _wht(o2, self.groups, 1)
+            return out
+        t = self._scratch(x2.size).reshape(x2.shape)
+        np.multiply(x2, self._scaled_signs, out=t)
+        _wht(t, self.groups, self._q)
+        np.matmul(t.reshape(-1, self._q), self._base, out=o2.reshape(-1, self._q))
+        return out
+
+    def invert(self, y: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[...] = y @ R.T`` (the receiver's inverse); ``out`` may be ``y`` only for the dense kind."""
+        y2 = y.reshape(-1, self.channels)
+        o2 = out.reshape(-1, self.channels)
+        if not self.fast:
+            np.matmul(y2, self.matrix.T, out=o2)
+            return out
+        if self._base is None:
+            np.copyto(o2, y2)
+        else:
+            np.matmul(y2.reshape(-1, self._q), self._base_t, out=o2.reshape(-1, self._q))
+        _wht(o2, self.groups, self._q)
+        np.multiply(o2, self._scaled_signs, out=o2)
+        return out
+
+
+def _wht(a: np.ndarray, groups: int, q: int) -> None:
+    """In-place Walsh-Hadamard butterfly over ``groups`` blocks of ``q`` values in each row of ``a``."""
+    if groups == 1:
+        return
+    try:
+        from quantpipe.quant._kernels import wht_rows
+    except ImportError:  # no numba: the same butterfly with numpy views
+        v = a.reshape(a.shape[0], groups, q)
+        h = 1
+        while h < groups:
+            w = v.reshape(a.shape[0], groups // (2 * h), 2, h, q)
+            top, bottom = w[:, :, 0], w[:, :, 1]
+            s = top + bottom
+            np.subtract(top, bottom, out=bottom)
+            top[...] = s
+            h *= 2
+        return
+    wht_rows(a.reshape(-1), a.shape[1], groups, q)

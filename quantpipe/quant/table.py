@@ -105,6 +105,9 @@ class ClipTable:
         self._source = source
         self._content = dict(content)
         self._validate_and_index()
+        # Frames carry the digest and receivers compare it on every frame: hash the content once, here.
+        decoding = {k: self._content[k] for k in _DECODING_KEYS}
+        self._digest = int.from_bytes(bytes.fromhex(canonical_sha256(decoding)[:8]), "little")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -186,9 +189,9 @@ class ClipTable:
     @property
     def digest(self) -> int:
         """What frames carry: the first 4 bytes, as a little-endian u32, of the sha256 of the canonical
-        JSON of the decoding content (``bits``, ``methods``, ``boundaries``; provenance excluded)."""
-        decoding = {k: self._content[k] for k in _DECODING_KEYS}
-        return int.from_bytes(bytes.fromhex(canonical_sha256(decoding)[:8]), "little")
+        JSON of the decoding content (``bits``, ``methods``, ``boundaries``; provenance excluded).
+        Computed once when the table is loaded or built."""
+        return self._digest
 
     def ranges(self, boundary: int, method: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
         """``(lo, hi)`` float32: 0-d for per-tensor methods, ``[C]`` for per-channel ones.
