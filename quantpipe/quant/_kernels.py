@@ -416,6 +416,7 @@ def warmup() -> None:
         out = np.empty((x.size * bits + 7) // 8, dtype=np.uint8)
         encode_into(x, lo, ones, bits, out)
         decode_into(out, ones, lo, bits, np.empty_like(x))
+    wht_rows(np.zeros(64, dtype=np.float32), 32, 2, 16)
 
 
 # ------------------------------------------------------------------------------------------- rotation

@@ -48,6 +48,13 @@ class DaemonMetrics:
                           buckets=_LATENCY_BUCKETS, registry=r)
         self.encode_seconds = codec.labels(stage, "encode")
         self.decode_seconds = codec.labels(stage, "decode")
+        # CPU seconds of this process's threads per part of the data path (time.thread_time): where a
+        # hop's time goes, summed; 'quantpipe bench pipeline' divides by microbatches.
+        cpu = Counter("quantpipe_datapath_cpu_seconds", "CPU time of the data path by part "
+                      "(validate, decode, engine, encode, send)", ["stage", "part"], registry=r)
+        self.microbatches = Counter("quantpipe_microbatches_processed", "microbatches decoded, run and sent on",
+                                    lb, registry=r).labels(stage)
+        self.cpu = {part: cpu.labels(stage, part) for part in ("validate", "decode", "engine", "encode", "send")}
         self._errors = Counter("quantpipe_errors", "messages or microbatches rejected, by kind", ["stage", "kind"],
                                registry=r)
         self._stage = stage

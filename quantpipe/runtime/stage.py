@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 import zmq
+from threadpoolctl import threadpool_limits
 
 from quantpipe import wire
 from quantpipe.engines.base import Engine
 from quantpipe.errors import ConfigError, FrameError, QuantpipeError
 from quantpipe.quant import codec
+from quantpipe.quant.linkcodec import BoundaryCodec, CheckedFrame
 from quantpipe.runtime import security
 from quantpipe.runtime.builtin import make_builtin
 from quantpipe.runtime.config import BUILTIN_PREFIX, PipelineConfig, load_config
@@ -103,6 +105,9 @@ class StageDaemon:
         self.last = k == len(cfg.stages) - 1
         self.start_time = start_time
         self.metrics = DaemonMetrics(str(k), cfg.stages[k].metrics_port)
+        # pipeline.threads bounds everything the stage runs: the engine's own pools (passed to it) and
+        # numpy's BLAS/OpenMP pools (builtin engines, rotations), which default to one per core.
+        self._thread_limits = threadpool_limits(limits=cfg.threads)
         self.engine = load_stage_engine(cfg, k)
         self.table = load_table(cfg)
         table_bits = tuple(self.table.bits) if self.table is not None else tuple(b for b in cfg.bits if b != 32)
@@ -129,6 +134,11 @@ class StageDaemon:
         # Frames are read, validated and acked on arrival by a thread (quantpipe.runtime.inbox), so
         # the upstream's bandwidth samples measure the link, not this stage's compute. The queue holds
         # at most what the upstream may keep in custody here (LinkSender.custody_limit).
+        # The numbers of both links, resolved once (quantpipe.quant.linkcodec): stage k decodes boundary
+        # k-1 (or the source's input) and encodes boundary k. On a GPU engine both run on the device.
+        codec_cls, self.on_device = self._codec_class()
+        self.rx_codec = codec_cls(self.table, max(k - 1, 0), stage=k, max_payload=opts.max_message_bytes)
+        self.tx_codec = codec_cls(self.table, k, self.method, stage=k)
         self.inbox = Inbox(self.ctx, self.inbound, capacity=cfg.credits + 2, validate=self._validate)
         # Custody: upstream may forget a microbatch (DONE) once our output for it is acked downstream
         # (the same seq on every hop); until then it resends it if we die holding it.
@@ -156,58 +166,95 @@ class StageDaemon:
         if msg.header.msg_type == wire.MsgType.ERROR:  # an upstream failure: pass the report on
             self._send(msg.frames + [wire.pack_trace(msg.t_origin)], msg.header.seq, msg.header.batch, 32, 0, False)
             return
-        t0 = time.perf_counter()
-        try:  # the inbox validated (check_frame) and acked it: from here on it ends as a result or an error
-            header, x = wire.decode_frame(msg.frames, table=self.table, max_payload=self.inbound.options.max_message_bytes)
+        cpu, t0 = self.metrics.cpu, time.thread_time()
+        w0 = time.perf_counter()
+        try:  # the inbox validated and acked it (msg.checked): from here on it ends as a result or an error
+            checked = getattr(msg, "checked", None) or self.rx_codec.check(msg.frames)
+            header = checked.header
+            x = self.rx_codec.decode(checked)
         except (FrameError, ValueError) as exc:
             self._report_error(msg.header, msg.t_origin, "decode", f"stage {self.k} could not decode: {exc}")
             return
-        t1 = time.perf_counter()
+        t1, w1 = time.thread_time(), time.perf_counter()
+        cpu["decode"].inc(t1 - t0)
+        self.metrics.decode_seconds.observe(w1 - w0)
         self.metrics.images_in.inc(header.batch)
-        self.metrics.decode_seconds.observe(t1 - t0)
         try:
-            y = self.engine.run(x)
+            y = self.engine.run_device(x) if self.on_device else self.engine.run(x)
         except Exception as exc:  # a failed microbatch becomes an explicit error result, not a dead daemon
             self._report_error(header, msg.t_origin, "engine", f"stage {self.k} engine failed: {exc}")
             return
-        t2 = time.perf_counter()
-        self.metrics.stage_seconds.observe(t2 - t1)
-        bits = self.bits  # chosen by the policy at the last window close
+        t2, w2 = time.thread_time(), time.perf_counter()
+        cpu["engine"].inc(t2 - t1)
+        self.metrics.stage_seconds.observe(w2 - w1)
+        # Take the credit first, then encode: the frame goes out at the bitwidth in force when it is sent,
+        # not at one chosen before a wait on a slow link.
+        if not self._wait_credit(header.seq):
+            return
+        t3, w3 = time.thread_time(), time.perf_counter()
+        bits = self.bits
         try:
-            frames = self._encode(y, header, bits)
+            frames = self.tx_codec.encode(y, bits, seq=header.seq, first_id=header.first_id)
         except (ValueError, QuantpipeError) as exc:  # e.g. NaN in the activations
             self._report_error(header, msg.t_origin, "encode", f"stage {self.k} could not encode: {exc}")
             return
-        self.metrics.encode_seconds.observe(time.perf_counter() - t2)
-        self._send(frames + [wire.pack_trace(msg.t_origin)], header.seq, header.batch, bits,
-                   self.fp32_per_image * header.batch, True)
+        t4, w4 = time.thread_time(), time.perf_counter()
+        cpu["encode"].inc(t4 - t3)
+        self.metrics.encode_seconds.observe(w4 - w3)
+        frames.append(wire.pack_trace(msg.t_origin))
+        self._transmit(frames, header.seq, header.batch, bits, self.fp32_per_image * header.batch, True)
+        cpu["send"].inc(time.thread_time() - t4)
+        self.metrics.microbatches.inc()
 
-    def _validate(self, msg: Message) -> None:
-        """Runs in the inbox thread before the ack: refuse (unacked) what could not be decoded."""
-        if msg.header.msg_type == wire.MsgType.DATA:
-            wire.check_frame(msg.frames, table=self.table, max_payload=self.inbound.options.max_message_bytes)
+    def _validate(self, msg: Message) -> CheckedFrame | None:
+        """Runs in the inbox thread before the ack: refuse (unacked) what could not be decoded.
 
-    def _encode(self, y: np.ndarray, header: wire.FrameHeader, bits: int) -> list:
-        common = dict(seq=header.seq, first_id=header.first_id, stage=self.k, bits=bits)
-        if bits == 32:
-            return wire.encode_frame(y, **common)
-        if self.table is not None:
-            return wire.encode_frame(y, table=self.table, boundary=self.k, method=self.method, **common)
-        # No clip table: per-microbatch min-max carried inline (the paper's naive PTQ).
-        return wire.encode_frame(y, inline_range=(float(y.min()), float(y.max())), **common)
+        The result travels with the message (``msg.checked``), so the frame is validated once."""
+        if msg.header.msg_type != wire.MsgType.DATA:
+            return None
+        t0 = time.thread_time()
+        try:
+            checked = self.rx_codec.check(msg.frames)
+        finally:
+            self.metrics.cpu["validate"].inc(time.thread_time() - t0)
+        msg.checked = checked
+        return checked
 
-    def _send(self, frames: list, seq: int, images: int, bits: int, fp32_bytes: int, measured: bool) -> None:
+    def _codec_class(self) -> tuple[type, bool]:
+        """The GPU codec when the engine runs on a CUDA device and the GPU kernels load, else the CPU one."""
+        if getattr(self.engine, "device", "cpu") != "cuda":
+            log.info("stage %d: codec on the CPU (engine on the %s)", self.k, getattr(self.engine, "device", "cpu"))
+            return BoundaryCodec, False
+        try:
+            from quantpipe.quant import gpu
+        except ImportError as exc:
+            log.warning("stage %d: engine on the GPU but the GPU codec cannot load (%s): codec on the CPU", self.k, exc)
+            return BoundaryCodec, False
+        if not gpu.available():
+            log.warning("stage %d: engine on the GPU but the GPU codec is unavailable: codec on the CPU", self.k)
+            return BoundaryCodec, False
+        log.info("stage %d: codec on the GPU, engine outputs stay on the device", self.k)
+        return gpu.GpuBoundaryCodec, True
+
+    def _wait_credit(self, seq: int) -> bool:
         # Blocking on credit is the backpressure: upstream stops getting acks and stops sending.
         # After a stop request it waits at most the drain time (downstream may be gone for good).
         if not self.outbound.wait_credit(should_stop=self._drain_expired, idle=self._idle):
             self.metrics.error("dropped_at_shutdown")
             log.error("stage %d: shutting down with microbatch %d unsent: downstream took nothing for %.0f s",
                       self.k, seq, self.drain_timeout_s)
-            return
+            return False
+        return True
+
+    def _send(self, frames: list, seq: int, images: int, bits: int, fp32_bytes: int, measured: bool) -> None:
+        if self._wait_credit(seq):
+            self._transmit(frames, seq, images, bits, fp32_bytes, measured)
+
+    def _transmit(self, frames: list, seq: int, images: int, bits: int, fp32_bytes: int, measured: bool) -> None:
         self.outbound.send(frames, seq=seq, images=images, bits=bits, fp32_bytes=fp32_bytes, measured=measured)
         if measured:
             self.metrics.images_out.inc(images)
-            self.metrics.bytes_out.inc(sum(len(memoryview(f).cast("B")) for f in frames))
+            self.metrics.bytes_out.inc(sum(_nbytes(f) for f in frames))
         self._after_link_activity()
 
     def _report_error(self, header: wire.FrameHeader, t_origin: float, kind: str, message: str) -> None:
@@ -316,6 +363,10 @@ class StageDaemon:
         self.inbox.close()  # stops the receiving thread, which closes the inbound link
         self.outbound.close()
         self.engine.close()
+
+
+def _nbytes(frame: Any) -> int:
+    return frame.nbytes if isinstance(frame, np.ndarray) else len(frame)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
