@@ -40,6 +40,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         "quantpipe.benchmarks.codec",
         "encode/decode throughput versus np.copyto, and bytes per frame, per bitwidth",
     ),
+    "pipeline": Benchmark(
+        "quantpipe.benchmarks.pipeline",
+        "the whole data path: output rate per bitwidth and table kind, per-hop CPU by part",
+    ),
 }
 
 
