@@ -245,9 +245,10 @@ def _wht(a: np.ndarray, groups: int, q: int) -> None:
     """In-place Walsh-Hadamard butterfly over ``groups`` blocks of ``q`` values in each row of ``a``."""
     if groups == 1:
         return
-    try:
-        from quantpipe.quant._kernels import wht_rows
-    except ImportError:  # no numba: the same butterfly with numpy views
+    from quantpipe.quant.codec import _kernels_or_none  # QUANTPIPE_CODEC picks the kernels here too
+
+    kernels = _kernels_or_none()
+    if kernels is None:  # no numba (or QUANTPIPE_CODEC=reference): the same butterfly with numpy views
         v = a.reshape(a.shape[0], groups, q)
         h = 1
         while h < groups:
@@ -258,4 +259,4 @@ def _wht(a: np.ndarray, groups: int, q: int) -> None:
             top[...] = s
             h *= 2
         return
-    wht_rows(a.reshape(-1), a.shape[1], groups, q)
+    kernels.wht_rows(a.reshape(-1), a.shape[1], groups, q)
