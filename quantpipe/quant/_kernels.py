@@ -217,6 +217,18 @@ def _encode_wide(x, lo, inv, out):
     return nans
 
 
+@njit(**_JIT)
+def _encode_wide_aligned(x, lo, inv, out16):
+    """Encode at 16 bits into a 2-byte-aligned stream viewed as uint16 (little-endian hosts only)."""
+    n = x.size
+    p = lo.size
+    nans = 0
+    for r in range((n + p - 1) // p):
+        start = r * p
+        nans += _quantize_row(x[start:], min(p, n - start), lo, inv, 65535, out16[start:])
+    return nans
+
+
 def encode_into(x: np.ndarray, lo: np.ndarray, inv: np.ndarray, bits: int, out: np.ndarray) -> int:
     """Quantize and pack a flat float32 tensor into ``out``; return how many NaNs it held.
 
@@ -231,6 +243,8 @@ def encode_into(x: np.ndarray, lo: np.ndarray, inv: np.ndarray, bits: int, out: 
     _check_arrays(x, lo, inv, bits, out)
     x, lo, inv = _readonly(x), _readonly(lo), _readonly(inv)
     if bits == 16:
+        if out.ctypes.data % 2 == 0:  # the stream is the little-endian uint16 codes themselves
+            return int(_encode_wide_aligned(x, lo, inv, out.view(np.uint16)))
         return int(_encode_wide(x, lo, inv, out))
     return int(_encode_narrow(x, lo, inv, bits, out))
 
@@ -355,6 +369,16 @@ def _decode_wide(buf, step, lo, y):
         _dequantize_row(codes, m, step, lo, y[start:])
 
 
+@njit(**_JIT)
+def _decode_wide_aligned(buf16, step, lo, y):
+    """Decode 16-bit codes from a 2-byte-aligned stream viewed as uint16 (little-endian hosts only)."""
+    n = y.size
+    p = lo.size
+    for r in range((n + p - 1) // p):
+        start = r * p
+        _dequantize_row(buf16[start:], min(p, n - start), step, lo, y[start:])
+
+
 def decode_into(buf: np.ndarray, step: np.ndarray, lo: np.ndarray, bits: int, y: np.ndarray) -> None:
     """Unpack and dequantize a payload into the flat float32 array ``y``.
 
@@ -367,7 +391,10 @@ def decode_into(buf: np.ndarray, step: np.ndarray, lo: np.ndarray, bits: int, y:
     _check_arrays(y, lo, step, bits, buf)
     buf, step, lo = _readonly(buf), _readonly(step), _readonly(lo)
     if bits == 16:
-        _decode_wide(buf, step, lo, y)
+        if buf.ctypes.data % 2 == 0:
+            _decode_wide_aligned(_readonly(buf.view(np.uint16)), step, lo, y)
+        else:
+            _decode_wide(buf, step, lo, y)
     else:
         _decode_narrow(buf, step, lo, bits, y)
 
@@ -416,6 +443,9 @@ def warmup() -> None:
         out = np.empty((x.size * bits + 7) // 8, dtype=np.uint8)
         encode_into(x, lo, ones, bits, out)
         decode_into(out, ones, lo, bits, np.empty_like(x))
+    unaligned = np.empty(2 * x.size + 1, dtype=np.uint8)[1:]  # the byte-wise 16-bit paths
+    encode_into(x, lo, ones, 16, unaligned)
+    decode_into(unaligned, ones, lo, 16, np.empty_like(x))
     wht_rows(np.zeros(64, dtype=np.float32), 32, 2, 16)
 
 

@@ -233,14 +233,15 @@ class BoundaryCodec:
     def decode(self, checked: CheckedFrame, out: np.ndarray | None = None) -> np.ndarray:
         """The float32 tensor of a checked frame.
 
-        32-bit frames come back as a read-only view of the received buffer (no copy); quantized ones
-        are decoded into ``out``, a pooled buffer, or (``reuse_buffers=False``) a fresh array.
+        32-bit frames come back as a read-only view of the received buffer (no copy; it keeps the frame
+        alive); quantized ones are decoded into ``out``, a pooled buffer, or (``reuse_buffers=False``) a
+        fresh array.
         """
         h = checked.header
         if h.range_kind == wire.RangeKind.NONE:
-            x = checked.payload.view(np.float32).reshape(h.shape)
+            x = checked.payload.view(np.float32).reshape(h.shape)  # keeps the received frame alive
             if out is None:
-                return x if self._pool is not None else x.copy()
+                return x
             np.copyto(out.reshape(h.shape), x)
             return out.reshape(h.shape)
         if out is None:
