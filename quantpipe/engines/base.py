@@ -45,9 +45,23 @@ class Engine(abc.ABC):
         """The tensor the stage produces: its boundary, or the logits (last stage)."""
         return self._output
 
+    @property
+    def device(self) -> str:
+        """Where the engine computes and keeps its tensors: ``"cpu"`` (host memory, the default) or
+        ``"cuda"`` (a CUDA GPU: :meth:`run_device` takes and returns device arrays)."""
+        return "cpu"
+
     @abc.abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray:
         """Run one batch (float32, C-contiguous, shape matching :attr:`input`) and return the output."""
+
+    def run_device(self, x):  # noqa: ANN001, ANN201 - device arrays (CuPy) of engines on a GPU
+        """Run one batch held in device memory and return the output in device memory (no host round trip).
+
+        Only engines whose :attr:`device` is ``"cuda"`` implement it; ``x`` is a C-contiguous float32
+        device array (CuPy, or anything with ``__cuda_array_interface__``).
+        """
+        raise NotImplementedError(f"{type(self).__name__} runs on the {self.device}: call run() with a numpy array")
 
     def describe(self) -> str:
         """One line for logs: backend, providers or device, precision."""
