@@ -105,9 +105,6 @@ class StageDaemon:
         self.last = k == len(cfg.stages) - 1
         self.start_time = start_time
         self.metrics = DaemonMetrics(str(k), cfg.stages[k].metrics_port)
-        # pipeline.threads bounds everything the stage runs: the engine's own pools (passed to it) and
-        # numpy's BLAS/OpenMP pools (builtin engines, rotations), which default to one per core.
-        self._thread_limits = threadpool_limits(limits=cfg.threads)
         self.engine = load_stage_engine(cfg, k)
         self.table = load_table(cfg)
         table_bits = tuple(self.table.bits) if self.table is not None else tuple(b for b in cfg.bits if b != 32)
@@ -154,6 +151,10 @@ class StageDaemon:
         self.health = Health(required=("engine", "upstream", "downstream"))
         self.health_server = HealthServer(self.health, health_port, addr="0.0.0.0").start() \
             if health_port is not None else None
+        # pipeline.threads bounds everything the stage runs: the engine's own pools (passed to it) and
+        # every BLAS/OpenMP pool loaded by now (numpy's and scipy's for builtin engines and rotations),
+        # which default to one thread per core.
+        self._thread_limits = threadpool_limits(limits=cfg.threads)
         self.metrics.serve()
         self._event({"event": "ready", "bits": self.bits})
         log.info("stage %d: %s; in %s, out %s; bits %s (policy %s); config %s", k, self.engine.describe(),
