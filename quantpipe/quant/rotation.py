@@ -186,9 +186,10 @@ class Rotation:
             if np.all(np.abs(signs) == 1) and np.array_equal(
                     r, np.ascontiguousarray(signs[:, None] * h / math.sqrt(c), dtype=np.float32)):
                 base, power = f
-                # H = S_(2**k) ⊗ B = S_(2**k / 2**j) ⊗ (S_(2**j) ⊗ B): fold the first stages into the base
-                # product so that every butterfly runs over at least _MIN_SPAN contiguous values.
-                while base < _MIN_SPAN and power > 1:
+                # H = S_(2**k) = S_(2**k / 16) ⊗ S_16: for a pure power of two, fold the first four stages
+                # into a 16 x 16 base product so that every butterfly runs over >= 16 contiguous values
+                # (measured: 2x faster at C = 256; folding a 12 or 20 base further only adds work).
+                while base & (base - 1) == 0 and base < _MIN_SPAN and power > 1:
                     base, power = base * 2, power // 2
                 self.kind = "hadamard"
                 self.groups = power
