@@ -39,6 +39,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "evaluate": Subcommand("quantpipe.calib.evaluate", "accuracy of the quantized pipeline per method and bitwidth"),
     "stage": Subcommand("quantpipe.runtime.stage", "run one stage daemon (one per device)"),
     "run": Subcommand("quantpipe.runtime.launcher", "start a whole pipeline (source, stages, sink) on this machine"),
+    "serve": Subcommand("quantpipe.serve.command", "serve the pipeline as a KServe v2 inference service (HTTP, gRPC)"),
     "keys": Subcommand("quantpipe.runtime.keys", "generate CURVE key pairs for encrypted links"),
     "bench": Subcommand("quantpipe.benchmarks.command", "benchmarks (run it without a name to list them)"),
 }
@@ -48,9 +49,10 @@ _EXTRAS: dict[str, frozenset[str]] = {
     "export": frozenset({"torch", "timm", "onnx", "onnxscript", "safetensors", "tqdm"}),
     "calib": frozenset({"PIL", "matplotlib", "tqdm"}),
     "tensorrt": frozenset({"tensorrt", "polygraphy"}),
+    "serve": frozenset({"aiohttp", "grpc", "tritonclient", "google"}),
 }
 # The extra a subcommand's users install first (a module in several extras is named by this one).
-_EXTRA_OF_COMMAND = {"export": "export", "calibrate": "calib", "evaluate": "calib", "run": "calib"}
+_EXTRA_OF_COMMAND = {"export": "export", "calibrate": "calib", "evaluate": "calib", "run": "calib", "serve": "serve"}
 
 
 def _missing_dependency_message(name: str, exc: ModuleNotFoundError) -> str | None:

@@ -1,0 +1,137 @@
+"""Fixtures for the serving tests: builtin pipelines on random loopback ports, stage daemons in threads
+or processes, and a `quantpipe serve` Server on its own event loop in a thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("tritonclient.http")
+
+from quantpipe.runtime.config import PipelineConfig, load_config  # noqa: E402
+from quantpipe.runtime.stage import StageDaemon  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(tmp_path: Path, engines: list[str], input_shape=(3, 32, 32), microbatch: int = 4,
+                 credits: int = 4, name: str = "pipeline.toml") -> Path:
+    """A builtin pipeline TOML on free loopback ports (stages at 32 bits: exact results)."""
+    lines = ["[pipeline]", f"input_shape = {list(input_shape)}", 'policy = "fixed"', "fixed_bits = 32",
+             "target_rate = 1000.0", f"microbatch = {microbatch}", f"credits = {credits}", "",
+             "[sink]", f'address = "tcp://127.0.0.1:{free_port()}"', ""]
+    for e in engines:
+        lines += ["[[stages]]", f'engine = "{e}"', f'address = "tcp://127.0.0.1:{free_port()}"', ""]
+    path = tmp_path / name
+    path.write_text("\n".join(lines))
+    return path
+
+
+@contextlib.contextmanager
+def stages_in_threads(cfg: PipelineConfig):
+    daemons = [StageDaemon(cfg, k) for k in range(len(cfg.stages))]
+    threads = [threading.Thread(target=d.serve, kwargs={"drain_timeout_s": 1.0}, daemon=True) for d in daemons]
+    for t in threads:
+        t.start()
+    try:
+        yield daemons
+    finally:
+        for d in daemons:
+            d.stop()
+        for t in threads:
+            t.join(10)
+
+
+def start_stage_process(config: Path, k: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "quantpipe.cli", "stage", "--config", str(config), "--stage", str(k)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_process(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
+class ServerThread:
+    """A quantpipe.serve Server running on its own event loop in a daemon thread."""
+
+    def __init__(self, cfg: PipelineConfig, **kw) -> None:
+        from quantpipe.serve.command import Server
+
+        kw.setdefault("http", ("127.0.0.1", 0))
+        kw.setdefault("access_log_per_s", 0)
+        self.server = Server(cfg, **kw)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.server.stop())
+        self.loop.close()
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        self._started.wait(30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(15)
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.server.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def wait_ready(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.server.service.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the pipeline did not become ready")
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def builtin_pipeline(tmp_path):
+    """identity -> head:1000 on [3, 32, 32] images, stages in threads, a server with HTTP and gRPC."""
+    path = write_config(tmp_path, ["builtin:identity", "builtin:head:1000"])
+    cfg = load_config(path)
+    with stages_in_threads(cfg), ServerThread(cfg, grpc=("127.0.0.1", 0)) as srv:
+        srv.wait_ready()
+        yield cfg, srv
