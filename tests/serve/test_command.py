@@ -1,0 +1,60 @@
+"""`quantpipe serve` as users start it: the subcommand serves, answers curl-style requests, logs no
+token, and exits 0 on SIGTERM; bad flags are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+from quantpipe.runtime.config import load_config
+from quantpipe.serve.model import BUILTIN_MODEL_NAME as MODEL
+from tests.serve.conftest import free_port, stages_in_threads, write_config
+
+
+def test_serve_subcommand_answers_json_infer_and_stops_on_sigterm(tmp_path):
+    path = write_config(tmp_path, ["builtin:identity", "builtin:head:1000"])
+    cfg = load_config(path)
+    token = tmp_path / "token"
+    token.write_text("t0ps3cret\n")
+    port = free_port()
+    with stages_in_threads(cfg):
+        p = subprocess.Popen([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(path),
+                              "--http", f"127.0.0.1:{port}", "--token-file", str(token)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2).status == 200:
+                        break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline and p.poll() is None, "quantpipe serve did not become ready"
+                time.sleep(0.1)
+            x = np.zeros((1, 3, 32, 32), np.float32)
+            body = json.dumps({"id": "curl-1", "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
+                                                          "data": x.reshape(-1).tolist()}]}).encode()
+            req = urllib.request.Request(f"{url}/v2/models/{MODEL}/infer", data=body, method="POST",
+                                         headers={"Authorization": "Bearer t0ps3cret", "Content-Type": "application/json"})
+            doc = json.loads(urllib.request.urlopen(req, timeout=10).read())
+            assert doc["id"] == "curl-1" and doc["outputs"][0]["shape"] == [1, 1000]
+            assert len(doc["outputs"][0]["data"]) == 1000
+        finally:
+            p.send_signal(signal.SIGTERM)
+            out, _ = p.communicate(timeout=20)
+        assert p.returncode == 0, out
+        assert "t0ps3cret" not in out and "bearer token required" in out
+
+
+def test_bad_listen_address_is_a_one_line_error(tmp_path):
+    path = write_config(tmp_path, ["builtin:identity"])
+    r = subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(path), "--http", "localhost"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "write HOST:PORT" in r.stderr and "Traceback" not in r.stderr
