@@ -72,11 +72,11 @@ class Bridge:
         deliver: called on the event loop with a list of (segment, results or InferError) per result.
         post: schedules a callable on the event loop (``loop.call_soon_threadsafe``).
         ctx: ZeroMQ context (CURVE-configured when ``keys_dir`` is set).
-        observe_batch: called with each microbatch's size and its images' queue times (metrics).
+        observe_batch: called with each microbatch's size, its requests' queue times and its bytes (metrics).
     """
 
     def __init__(self, cfg: PipelineConfig, queue: RequestQueue, deliver: Callable, post: Callable,
-                 ctx: zmq.Context, observe_batch: Callable[[int, list[float]], None] = lambda n, q: None,
+                 ctx: zmq.Context, observe_batch: Callable[[int, list[float], int], None] = lambda n, q, b: None,
                  on_reject: Callable[[str], None] = lambda kind: None) -> None:
         self.cfg = cfg
         self.queue = queue
@@ -95,8 +95,6 @@ class Bridge:
         os.set_blocking(self._wake_w, False)
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.first_hop_bytes = 0  # payload + header bytes sent on the first link (first transmissions)
-        self.images_sent = 0
 
     # -- any thread -------------------------------------------------------------------------------
     def wake(self) -> None:
@@ -169,12 +167,11 @@ class Bridge:
                 frames, bits = pixel_frame(x, seq=seq, first_id=first), 8
             else:
                 frames, bits = wire.encode_frame(x, seq=seq, first_id=first, stage=wire.SOURCE_STAGE, bits=32), 32
-            self.first_hop_bytes += sum(len(memoryview(f).cast("B")) for f in frames)
-            self.images_sent += len(x)
+            nbytes = sum(len(memoryview(f).cast("B")) for f in frames)
             self._inflight[seq] = _InFlight(first, len(x), segments, now)
             self.sender.send(frames + [wire.pack_trace(time.time())], seq=seq, images=len(x), bits=bits,
                              fp32_bytes=4 * x.size)
-            self.observe_batch(len(x), [now - s.request.created for s in segments])
+            self.observe_batch(len(x), [now - s.request.created for s in segments], nbytes)
 
     def _on_result(self, msg: Message) -> None:
         h = msg.header

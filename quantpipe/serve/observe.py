@@ -8,6 +8,8 @@ Metrics (own registry, served at ``GET /metrics`` on the HTTP port, Prometheus t
 * ``quantpipe_serve_request_seconds{protocol}``: request latency, arrival to answer.
 * ``quantpipe_serve_queue_seconds``: time an image waited in the queue before its microbatch left.
 * ``quantpipe_serve_batch_images``: images per microbatch sent (how well dynamic batching fills).
+* ``quantpipe_serve_first_hop_bytes_total``, ``quantpipe_serve_images_sent_total``: what the link to
+  stage 0 carried (float32 or uint8 first hop).
 * ``quantpipe_serve_in_flight_requests``, ``quantpipe_serve_queued_images``: gauges.
 
 The access log writes at most ``lines_per_s`` lines per second (a burst of 64 concurrent clients does
@@ -44,12 +46,17 @@ class ServeMetrics:
                                     buckets=_LATENCY, registry=r)
         self.batch = Histogram("quantpipe_serve_batch_images", "images per microbatch sent to stage 0",
                                buckets=_BATCH, registry=r)
+        self.first_hop_bytes = Counter("quantpipe_serve_first_hop_bytes", "bytes of frames sent to stage 0 "
+                                       "(headers included, first transmissions)", registry=r)
+        self.images_sent = Counter("quantpipe_serve_images_sent", "images sent to stage 0", registry=r)
         self.in_flight = Gauge("quantpipe_serve_in_flight_requests", "requests accepted and not yet answered",
                                registry=r)
         self.queued = Gauge("quantpipe_serve_queued_images", "images waiting for a microbatch", registry=r)
 
-    def observe_batch(self, images: int, queue_times: list[float]) -> None:
+    def observe_batch(self, images: int, queue_times: list[float], nbytes: int = 0) -> None:
         self.batch.observe(images)
+        self.images_sent.inc(images)
+        self.first_hop_bytes.inc(nbytes)
         for t in queue_times:
             self.queue_time.observe(t)
 

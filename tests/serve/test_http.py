@@ -177,3 +177,20 @@ def test_oversized_body_and_missing_token_are_refused(tmp_path):
         np.testing.assert_allclose(r.as_numpy("logits"), chained(cfg, x), rtol=1e-5, atol=1e-6)
         with pytest.raises(InferenceServerException, match="exceeds 65536 bytes"):
             c.infer(MODEL, [_input("input", _images(8), "FP32")], headers=auth)  # 98 KB
+
+
+def test_uint8_first_hop_carries_the_cropped_pixels_exactly(tmp_path):
+    from PIL import Image
+
+    cfg = load_config(write_config(tmp_path, ["builtin:identity", "builtin:head:1000"]))
+    pixels = np.random.default_rng(4).integers(0, 256, (3, 37, 45, 3), dtype=np.uint8)
+    # Preprocessing with mean 0 and std 1/255 leaves the resized, cropped pixel values 0..255.
+    crop = Preprocess.from_config({"input_size": [3, 32, 32], "mean": [0, 0, 0], "std": [1 / 255] * 3})
+    expected = chained(cfg, np.rint(np.stack([crop(Image.fromarray(p)) for p in pixels])))
+    with stages_in_threads(cfg), ServerThread(cfg, first_hop="uint8") as srv:
+        srv.wait_ready()
+        r = th.InferenceServerClient(srv.http_url).infer(MODEL, [_input("pixels", pixels, "UINT8")])
+        text = urllib.request.urlopen(f"http://{srv.http_url}/metrics").read().decode()
+    np.testing.assert_allclose(r.as_numpy("logits"), expected, rtol=1e-5, atol=1e-5)
+    # one 64-byte header + 1 byte per value: a quarter of the float32 hop
+    assert f"quantpipe_serve_first_hop_bytes_total {64.0 + 3 * 3 * 32 * 32}" in text
