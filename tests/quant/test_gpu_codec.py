@@ -160,8 +160,10 @@ def test_gpu_32_bits_inline_nan_and_pooling(table, cp):
     # a numpy input goes through the CPU codec
     assert bytes(enc.encode(x, 8, seq=7, first_id=0)[1]) == bytes(BoundaryCodec(table, 0, 0, stage=0).encode(
         x, 8, seq=7, first_id=0)[1])
-    with pytest.raises(ValueError, match="channels|last axis"):
-        enc.encode(cp.asarray(x[..., :96]), 8, seq=8, first_id=0)
+    for name in ("aciq_pc", "rot_mse_pc"):
+        pc = gpu.GpuBoundaryCodec(table, 0, table.method_index(name), stage=0)
+        with pytest.raises(ValueError, match="channels|last axis"):
+            pc.encode(cp.asarray(x[..., :96].copy()), 8, seq=8, first_id=0)
 
 
 @needs_gpu
@@ -180,3 +182,28 @@ def test_gpu_dense_rotation_fallback(cp):
         y = dec.decode(dec.check(f))
         np.testing.assert_allclose(cp.asnumpy(gdec.decode(gdec.check(f))), y, atol=1e-5)
         assert wire.parse_header(bytes(f[0])).bits == bits
+
+
+def test_the_environment_can_turn_the_gpu_codec_off(monkeypatch):
+    monkeypatch.setenv("QUANTPIPE_GPU_CODEC", "off")
+    assert gpu.available() is False
+    assert "QUANTPIPE_GPU_CODEC" in gpu.unavailable_reason()
+
+
+@needs_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 3, 8, 16])
+def test_gpu_vit_base_width_codes_equal_the_cpu_codec(cp, bits):
+    """C = 768 = 64 butterfly groups: more groups than lanes, so each lane holds two (P = 2)."""
+    t = build_table(_samples(c=768), ["aciq_pc", "rot_mse_pc"], [2, 3, 8, 16], boundaries=1)
+    x = _samples(3, 11, 768, seed=bits)
+    for m in range(2):
+        f = gpu.GpuBoundaryCodec(t, 0, m, stage=0).encode(cp.asarray(x), bits, seq=1, first_id=0)
+        cpu_f = BoundaryCodec(t, 0, m, stage=0, reuse_buffers=False).encode(x, bits, seq=1, first_id=0)
+        differ = int(np.count_nonzero(packing.unpack(f[1], x.size, bits) != packing.unpack(np.asarray(cpu_f[1]), x.size, bits)))
+        _REPORT.append(f"  {t.methods[m]:>10} {bits:>2} bits (3, 11, 768): vs CPU codec {differ}/{x.size}")
+        assert differ <= max(1, int(1e-5 * x.size))
+        dec, gdec = BoundaryCodec(t, 0, stage=1, reuse_buffers=False), gpu.GpuBoundaryCodec(t, 0, stage=1)
+        y = dec.decode(dec.check(f))
+        np.testing.assert_allclose(cp.asnumpy(gdec.decode(gdec.check(f))), y, rtol=0,
+                                   atol=2e-6 * max(1.0, float(np.abs(y).max())))

@@ -10,12 +10,16 @@ CPU receiver (and the reverse) interoperate.
 The kernels are CUDA C++ compiled at run time by NVRTC through CuPy (see ``kernels.cu`` and
 ARCHITECTURE.md for why CuPy). Nothing here imports CuPy until :func:`available` or the codec is used,
 so importing this package on a CPU-only device costs nothing and loads no GPU library.
+
+``QUANTPIPE_GPU_CODEC=off`` makes :func:`available` False (a stage with a GPU engine then runs the CPU
+codec and ``engine.run``, copying float32 tensors through the host: the comparison path).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 
 __all__ = ["available", "unavailable_reason", "GpuBoundaryCodec", "is_device_array"]
 
@@ -40,16 +44,21 @@ def _probe() -> str:
     return ""
 
 
+def _disabled() -> bool:
+    return os.environ.get("QUANTPIPE_GPU_CODEC", "").strip().lower() in ("off", "0", "false", "no", "cpu")
+
+
 def available() -> bool:
     """Whether the GPU codec can run here: CuPy imports, a CUDA device is present and the kernels compile.
 
-    Never raises; the first call compiles (or loads from CuPy's on-disk cache) the kernels."""
-    return _probe() == ""
+    Never raises; the first call compiles (or loads from CuPy's on-disk cache) the kernels.
+    ``QUANTPIPE_GPU_CODEC=off`` makes it False without importing CuPy."""
+    return not _disabled() and _probe() == ""
 
 
 def unavailable_reason() -> str:
     """Why :func:`available` is False ('' when it is True)."""
-    return _probe()
+    return "disabled by QUANTPIPE_GPU_CODEC=off" if _disabled() else _probe()
 
 
 def is_device_array(a: object) -> bool:

@@ -37,11 +37,11 @@ def _plain_module():
 
 
 @functools.cache
-def _rot_module(base_bytes: bytes, q: int):
-    """The rotated kernels for base order ``q``; the base matrix is baked into the module as a constant."""
+def _rot_module(base_bytes: bytes, q: int, p: int):
+    """The rotated kernels for base order ``q`` and ``p`` groups per lane; the base matrix is baked in."""
     base = np.frombuffer(base_bytes, np.float32)
     literal = ",".join(f"{v:.1f}f" for v in base)
-    prefix = f"#define QP_ROT\n#define Q {q}\n__constant__ float c_base[{q * q}] = {{{literal}}};\n"
+    prefix = f"#define QP_ROT\n#define Q {q}\n#define P {p}\n__constant__ float c_base[{q * q}] = {{{literal}}};\n"
     names = [f"enc_rot<{b}>" for b in QUANT_BITS] + [f"dec_rot<{b}>" for b in QUANT_BITS]
     return _cupy().RawModule(code=prefix + _SOURCE, options=_OPTIONS, name_expressions=names)
 
@@ -67,18 +67,16 @@ def warmup(bits: tuple[int, ...] = QUANT_BITS) -> None:
 def encode_plain(x: object, bits: int, lo: object, inv: object, out: object, nan_count: object) -> None:
     """Quantize + pack flat float32 ``x`` (16-byte aligned) into uint8 ``out``; NaNs are added to ``nan_count``."""
     n = int(x.size)
-    groups = (n + 7) // 8
     fn = _plain_module().get_function(f"enc_plain<{bits}>")
-    fn((_grid(groups, _THREADS),), (_THREADS,),
+    fn((_grid((n + 3) // 4, _THREADS),), (_THREADS,),
        (x, np.int64(n), lo, inv, np.int32(lo.size), out, np.int64(out.size), nan_count))
 
 
 def decode_plain(payload: object, bits: int, step: object, lo: object, y: object) -> None:
     """Unpack + dequantize uint8 ``payload`` into flat float32 ``y`` (16-byte aligned)."""
     n = int(y.size)
-    groups = (n + 7) // 8
     fn = _plain_module().get_function(f"dec_plain<{bits}>")
-    fn((_grid(groups, _THREADS),), (_THREADS,),
+    fn((_grid((n + 3) // 4, _THREADS),), (_THREADS,),
        (payload, np.int64(n), np.int64(payload.size), step, lo, np.int32(lo.size), y))
 
 
@@ -87,15 +85,26 @@ def count_nan(x: object, nan_count: object) -> None:
     _plain_module().get_function("count_nan")((_grid(n, _THREADS),), (_THREADS,), (x, np.int64(n), nan_count))
 
 
+#: most values a lane holds in registers (P * Q) in the fused rotation kernels
+MAX_LANE_VALUES = 32
+
+
 class FastRotation:
     """A randomized Hadamard rotation on the device, in the form of :class:`quantpipe.quant.rotation.Rotation`:
-    scaled signs ``[C]`` (device), ``groups`` = G lanes per row (a power of two <= 32), base order Q."""
+    scaled signs ``[C]`` (device), ``groups`` = G butterfly groups (a power of two) of Q channels each."""
+
+    @staticmethod
+    def supports(channels: int, groups: int, q: int) -> bool:
+        p = max(1, groups // 32)
+        return (q % 4 == 0 and groups >= 1 and groups & (groups - 1) == 0 and groups * q == channels
+                and p * q <= MAX_LANE_VALUES)
 
     def __init__(self, channels: int, groups: int, q: int, scaled_signs: np.ndarray, base: np.ndarray) -> None:
         self.channels, self.groups, self.q = int(channels), int(groups), int(q)
+        self.p = max(1, self.groups // 32)
         self.signs = _cupy().asarray(np.ascontiguousarray(scaled_signs, dtype=np.float32))
         self._base_bytes = np.ascontiguousarray(base, dtype=np.float32).tobytes()
-        self.module = _rot_module(self._base_bytes, self.q)
+        self.module = _rot_module(self._base_bytes, self.q, self.p)
 
     def warmup(self, bits: tuple[int, ...]) -> None:
         for b in bits:
@@ -105,7 +114,7 @@ class FastRotation:
     def encode(self, x: object, bits: int, lo: object, inv: object, out: object,
                nan_count: object) -> None:
         rows = int(x.size) // self.channels
-        units = (rows * self.groups + 31) // 32
+        units = (rows * self.groups // self.p + 31) // 32
         fn = self.module.get_function(f"enc_rot<{bits}>")
         fn((_grid(units, _ROT_WARPS, 32),), (32 * _ROT_WARPS,),
            (x, np.int64(rows), np.int32(self.channels), np.int32(self.groups), self.signs, lo, inv,
@@ -113,7 +122,7 @@ class FastRotation:
 
     def decode(self, payload: object, bits: int, step: object, lo: object, y: object) -> None:
         rows = int(y.size) // self.channels
-        units = (rows * self.groups + 31) // 32
+        units = (rows * self.groups // self.p + 31) // 32
         fn = self.module.get_function(f"dec_rot<{bits}>")
         fn((_grid(units, _ROT_WARPS, 32),), (32 * _ROT_WARPS,),
            (payload, np.int64(rows), np.int32(self.channels), np.int32(self.groups), self.signs, step, lo,

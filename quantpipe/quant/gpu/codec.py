@@ -118,7 +118,7 @@ class GpuBoundaryCodec(BoundaryCodec):
         groups = int(getattr(rotation, "groups", 1))
         q = int(getattr(rotation, "_q", 0) or 0)
         signs = getattr(rotation, "_scaled_signs", None)
-        if rotation.fast and signs is not None and q and groups <= 32 and q <= 32 and groups * q == rotation.channels:
+        if rotation.fast and signs is not None and q and _cuda.FastRotation.supports(rotation.channels, groups, q):
             base = getattr(rotation, "_base", None)
             base = np.ones((1, 1), np.float32) if base is None else base
             fast = _cuda.FastRotation(rotation.channels, groups, q, signs, base)

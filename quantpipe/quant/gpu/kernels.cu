@@ -34,6 +34,9 @@ __device__ __forceinline__ u32 quantize1(float v, float lo, float inv, u32 &nans
     return (u32)t;
 }
 
+template <int B>
+__device__ __forceinline__ void store_packed(u8 *__restrict__ out, long long g, u64 w, int keep);
+
 // Store the packed group g (8 codes) at out + g * B bytes (B < 16) or g * 16 bytes (B == 16);
 // `keep` = bytes of this group that lie inside the stream (all of them except in the last group).
 template <int B>
@@ -55,6 +58,12 @@ __device__ __forceinline__ void store_group(u8 *__restrict__ out, long long g, c
     u64 w = 0;
 #pragma unroll
     for (int k = 0; k < 8; ++k) w |= (u64)c[k] << (k * B);
+    store_packed<B>(out, g, w, keep);
+}
+
+// Store the B bytes of packed group g (B < 16), `keep` of them inside the stream.
+template <int B>
+__device__ __forceinline__ void store_packed(u8 *__restrict__ out, long long g, u64 w, int keep) {
     u8 *dst = out + g * B;
     if (keep >= B) {
         if (B == 1) { *dst = (u8)w; return; }
@@ -127,37 +136,57 @@ __device__ __forceinline__ void add_nans(u32 nans, u32 *nan_count) {
 }
 
 // ------------------------------------------------------------------------------------------- plain
-// x: n float32 values (16-byte aligned), channel of value i = i % C (C = 1: per tensor).
+// x: n float32 values (16-byte aligned), channel of value i = i % C (C = 1: per tensor). Each lane
+// handles 4 values (one float4: a warp reads 512 contiguous bytes per load); the two lanes of a group
+// of 8 combine their codes with one shuffle and the even lane stores the group's B bytes. At 16 bits
+// every lane stores its own 8 bytes.
 template <int B>
 __global__ void enc_plain(const float *__restrict__ x, long long n, const float *__restrict__ lo,
                           const float *__restrict__ inv, int C, u8 *__restrict__ out, long long nbytes,
                           u32 *__restrict__ nan_count) {
-    const long long groups = (n + 7) >> 3;
+    const long long quads = (n + 3) >> 2;
     u32 nans = 0;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    // every lane runs the same number of iterations, so the warp reduction below sees all lanes
-    for (long long g0 = (long long)blockIdx.x * blockDim.x; g0 < groups; g0 += stride) {
-        long long g = g0 + threadIdx.x;
-        if (g < groups) {
-            const long long i0 = g << 3;
-            float v[8];
-            if (i0 + 8 <= n) {
-                float4 a = reinterpret_cast<const float4 *>(x)[2 * g];
-                float4 b = reinterpret_cast<const float4 *>(x)[2 * g + 1];
-                v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    // every lane runs the same number of iterations (shuffles and the NaN reduction need all of them)
+    for (long long f0 = (long long)blockIdx.x * blockDim.x; f0 < quads; f0 += stride) {
+        const long long f = f0 + threadIdx.x;
+        const bool valid = f < quads;
+        const long long i0 = f << 2;
+        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (valid) {
+            if (i0 + 4 <= n) {
+                float4 a = reinterpret_cast<const float4 *>(x)[f];
+                v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
             } else {
-#pragma unroll
-                for (int k = 0; k < 8; ++k) v[k] = (i0 + k < n) ? x[i0 + k] : 0.0f;
+                for (int k = 0; k < 4; ++k) v[k] = (i0 + k < n) ? x[i0 + k] : 0.0f;
             }
-            int c = (C == 1) ? 0 : (int)(i0 % C);
-            u32 q[8];
+        }
+        int c = (C == 1 || !valid) ? 0 : (int)(i0 % C);
+        u64 w = 0;
 #pragma unroll
-            for (int k = 0; k < 8; ++k) {
-                u32 code = quantize1<B>(v[k], __ldg(lo + c), __ldg(inv + c), nans);
-                q[k] = (i0 + k < n) ? code : 0u;
-                if (++c == C) c = 0;
+        for (int k = 0; k < 4; ++k) {
+            u32 code = quantize1<B>(v[k], __ldg(lo + c), __ldg(inv + c), nans);
+            w |= (u64)((valid && i0 + k < n) ? code : 0u) << (k * B);
+            if (++c == C) c = 0;
+        }
+        if (B == 16) {
+            if (valid) {
+                long long left = nbytes - f * 8;
+                u8 *dst = out + f * 8;
+                if (left >= 8) {
+                    *reinterpret_cast<u64 *>(dst) = w;
+                } else {
+                    for (int i = 0; i < 8; ++i) if (i < left) dst[i] = (u8)(w >> (8 * i));
+                }
             }
-            store_group<B>(out, g, q, group_keep<B>(g, nbytes));
+        } else {
+            const u32 mine = (u32)w;  // 4 codes of <= 8 bits
+            const u32 partner = __shfl_down_sync(0xFFFFFFFFu, mine, 1);
+            if (valid && (f & 1) == 0) {
+                const u64 group = (u64)mine | ((u64)partner << (4 * B));
+                const long long g = f >> 1;
+                store_packed<B>(out, g, group, group_keep<B>(g, nbytes));
+            }
         }
     }
     add_nans(nans, nan_count);
@@ -166,24 +195,40 @@ __global__ void enc_plain(const float *__restrict__ x, long long n, const float 
 template <int B>
 __global__ void dec_plain(const u8 *__restrict__ in, long long n, long long nbytes, const float *__restrict__ step,
                           const float *__restrict__ lo, int C, float *__restrict__ y) {
-    const long long groups = (n + 7) >> 3;
+    const long long quads = (n + 3) >> 2;
     const long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long g = (long long)blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += stride) {
-        const long long i0 = g << 3;
-        u32 q[8];
-        load_group<B>(in, g, q, group_keep<B>(g, nbytes));
-        int c = (C == 1) ? 0 : (int)(i0 % C);
-        float v[8];
+    for (long long f = (long long)blockIdx.x * blockDim.x + threadIdx.x; f < quads; f += stride) {
+        const long long i0 = f << 2;
+        u32 q[4];
+        if (B == 16) {
+            long long left = nbytes - f * 8;
+            const u8 *src = in + f * 8;
+            u64 w = 0;
+            if (left >= 8) {
+                w = *reinterpret_cast<const u64 *>(src);
+            } else {
+                for (int i = 0; i < 8; ++i) if (i < left) w |= (u64)src[i] << (8 * i);
+            }
 #pragma unroll
-        for (int k = 0; k < 8; ++k) {
+            for (int k = 0; k < 4; ++k) q[k] = (u32)((w >> (16 * k)) & 0xFFFF);
+        } else {
+            u32 q8[8];
+            const long long g = f >> 1;
+            load_group<B>(in, g, q8, group_keep<B>(g, nbytes));
+#pragma unroll
+            for (int k = 0; k < 4; ++k) q[k] = (f & 1) ? q8[4 + k] : q8[k];
+        }
+        int c = (C == 1) ? 0 : (int)(i0 % C);
+        float v[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
             v[k] = __fadd_rn(__fmul_rn((float)q[k], __ldg(step + c)), __ldg(lo + c));
             if (++c == C) c = 0;
         }
-        if (i0 + 8 <= n) {
-            reinterpret_cast<float4 *>(y)[2 * g] = make_float4(v[0], v[1], v[2], v[3]);
-            reinterpret_cast<float4 *>(y)[2 * g + 1] = make_float4(v[4], v[5], v[6], v[7]);
+        if (i0 + 4 <= n) {
+            reinterpret_cast<float4 *>(y)[f] = make_float4(v[0], v[1], v[2], v[3]);
         } else {
-            for (int k = 0; k < 8 && i0 + k < n; ++k) y[i0 + k] = v[k];
+            for (int k = 0; k < 4; ++k) if (i0 + k < n) y[i0 + k] = v[k];
         }
     }
 }
@@ -201,74 +246,125 @@ __global__ void count_nan(const float *__restrict__ x, long long n, u32 *__restr
 
 #ifdef QP_ROT
 // ----------------------------------------------------------------------------------------- rotated
-// Compiled once per base order Q with the Q x Q base matrix (+-1 entries) as a literal, defined by the
-// module's prefix: `__constant__ float c_base[Q * Q]` (row-major).
-// Rows of C = G * Q channels; a unit = 32 / G rows = 32 * Q values; lane l of a unit holds channels
-// (l % G) * Q .. + Q of row l / G, i.e. the unit's values l * Q .. l * Q + Q. WARPS warps per block.
+// Compiled once per (Q, P) with the Q x Q base matrix (+-1 entries) as a literal, defined by the module's
+// prefix: `#define Q`, `#define P` and `__constant__ float c_base[Q * Q]` (row-major).
+//
+// A row of C = G * Q channels is G butterfly groups of Q contiguous values. Each lane holds P
+// consecutive groups (V = P * Q values): P = 1 when G <= 32 (a row spans G lanes, a warp holds 32 / G
+// rows), P = G / 32 when G > 32 (a row spans the warp). Butterfly stage h (ascending, as on the CPU) pairs
+// group g with g ^ h: inside a lane's registers for h < P, across lanes (shuffle xor h / P) for h >= P.
+// A unit = the 32 * V values a warp holds; WARPS warps per block.
 #define WARPS 4
+#define V (P * Q)
+
+__device__ __forceinline__ void butterfly(float (&t)[V], int lane_in_row, int G) {
+#pragma unroll
+    for (int h = 1; h < P; h <<= 1) {
+#pragma unroll
+        for (int s = 0; s < P; ++s) {
+            if (s & h) continue;
+#pragma unroll
+            for (int j = 0; j < Q; ++j) {
+                const float u = t[s * Q + j], w = t[(s ^ h) * Q + j];
+                t[s * Q + j] = __fadd_rn(u, w);
+                t[(s ^ h) * Q + j] = __fsub_rn(u, w);
+            }
+        }
+    }
+    for (int h = P; h < G; h <<= 1) {
+        const bool bottom = ((lane_in_row * P) & h) != 0;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+            const float p = __shfl_xor_sync(0xFFFFFFFFu, t[i], h / P);
+            t[i] = bottom ? __fsub_rn(p, t[i]) : __fadd_rn(t[i], p);
+        }
+    }
+}
+
+// The lane's V values of unit u, prefetched into registers (float4 i of the unit at lane + 32 * i) while
+// the previous unit is computed; bounds-checked for the last, partial unit.
+__device__ __forceinline__ void prefetch(const float *__restrict__ x, long long n, long long u, int lane,
+                                         float4 (&pf)[V / 4]) {
+    const float *src = x + u * (32LL * V);
+    const long long m = n - u * (32LL * V);
+    if (m >= 32 * V) {
+#pragma unroll
+        for (int i = 0; i < V / 4; ++i) pf[i] = reinterpret_cast<const float4 *>(src)[lane + 32 * i];
+    } else {
+#pragma unroll
+        for (int i = 0; i < V / 4; ++i) {
+            const long long e = 4LL * (lane + 32 * i);
+            pf[i] = make_float4(e < m ? src[e] : 0.0f, e + 1 < m ? src[e + 1] : 0.0f, e + 2 < m ? src[e + 2] : 0.0f,
+                                e + 3 < m ? src[e + 3] : 0.0f);
+        }
+    }
+}
+
+// Block-wide per-channel tables in shared memory (C <= 32 * V): fewer registers, more warps in flight.
+__device__ __forceinline__ void load_tables(float *s_a, float *s_b, float *s_c, const float *a, const float *b,
+                                            const float *c, int C, int per_channel) {
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        s_a[i] = a[i];
+        s_b[i] = b[per_channel ? i : 0];
+        s_c[i] = c[per_channel ? i : 0];
+    }
+    __syncthreads();
+}
 
 template <int B>
 __global__ void __launch_bounds__(32 * WARPS) enc_rot(const float *__restrict__ x, long long rows, int C, int G,
                         const float *__restrict__ ssign, const float *__restrict__ lo, const float *__restrict__ inv,
                         int per_channel, u8 *__restrict__ out, long long nbytes, u32 *__restrict__ nan_count) {
     typedef typename CodeT<B>::T code_t;
-    __shared__ code_t smem[WARPS][32 * Q];
+    __shared__ code_t smem[WARPS][32 * V];
+    __shared__ __align__(16) float fsm[WARPS][32 * V];
+    __shared__ __align__(16) float s_sg[32 * V], s_lo[32 * V], s_inv[32 * V];
+    load_tables(s_sg, s_lo, s_inv, ssign, lo, inv, C, per_channel);
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const int rpu = 32 / G;
+    const int lanes_per_row = G / P;
+    const int rpu = 32 / lanes_per_row;
     const long long units = (rows + rpu - 1) / rpu;
-    const int g = lane % G;
+    const int lr = lane % lanes_per_row;
     const long long n = rows * (long long)C;
     u32 nans = 0;
-    float sg[Q], lo_r[Q], inv_r[Q];
-#pragma unroll
-    for (int j = 0; j < Q; ++j) {
-        const int c = per_channel ? g * Q + j : 0;
-        sg[j] = ssign[g * Q + j]; lo_r[j] = lo[c]; inv_r[j] = inv[c];
-    }
-    for (long long u = (long long)blockIdx.x * WARPS + wid; u < units; u += (long long)gridDim.x * WARPS) {
-        const long long r = u * rpu + lane / G;
+    const long long ustride = (long long)gridDim.x * WARPS;
+    float4 pf[V / 4];
+    long long u = (long long)blockIdx.x * WARPS + wid;
+    if (u < units) prefetch(x, n, u, lane, pf);
+    for (; u < units; u += ustride) {
+        const long long r = u * rpu + lane / lanes_per_row;
         const bool valid = r < rows;
-        float t[Q];
-        if (valid) {
-            const float *src = x + r * C + g * Q;
-            if ((Q & 3) == 0 && (C & 3) == 0) {
+        const long long m = n - u * (32LL * V);  // values of this unit inside the tensor (may exceed 32V)
+        float *fs = fsm[wid];
 #pragma unroll
-                for (int j = 0; j < Q; j += 4) {
-                    float4 a = *reinterpret_cast<const float4 *>(src + j);
-                    t[j] = a.x; t[j + 1] = a.y; t[j + 2] = a.z; t[j + 3] = a.w;
-                }
-            } else {
+        for (int i = 0; i < V / 4; ++i) reinterpret_cast<float4 *>(fs)[lane + 32 * i] = pf[i];
+        __syncwarp();
+        if (u + ustride < units) prefetch(x, n, u + ustride, lane, pf);  // in flight while this unit computes
+        float t[V];
 #pragma unroll
-                for (int j = 0; j < Q; ++j) t[j] = src[j];
-            }
-        } else {
-#pragma unroll
-            for (int j = 0; j < Q; ++j) t[j] = 0.0f;
+        for (int i = 0; i < V; i += 4) {
+            float4 a = reinterpret_cast<const float4 *>(fs + lane * V)[i / 4];
+            float4 sg = reinterpret_cast<const float4 *>(s_sg + lr * V)[i / 4];
+            t[i] = __fmul_rn(a.x, sg.x); t[i + 1] = __fmul_rn(a.y, sg.y);
+            t[i + 2] = __fmul_rn(a.z, sg.z); t[i + 3] = __fmul_rn(a.w, sg.w);
         }
+        butterfly(t, lr, G);
+        code_t *codes = smem[wid] + lane * V;
 #pragma unroll
-        for (int j = 0; j < Q; ++j) t[j] = __fmul_rn(t[j], sg[j]);
-        for (int h = 1; h < G; h <<= 1) {
-            const bool bottom = (g & h) != 0;
+        for (int s = 0; s < P; ++s) {
 #pragma unroll
             for (int j = 0; j < Q; ++j) {
-                float p = __shfl_xor_sync(0xFFFFFFFFu, t[j], h);
-                t[j] = bottom ? __fsub_rn(p, t[j]) : __fadd_rn(t[j], p);
+                float acc = __fmul_rn(t[s * Q], c_base[j]);
+#pragma unroll
+                for (int k = 1; k < Q; ++k) acc = __fmaf_rn(t[s * Q + k], c_base[k * Q + j], acc);
+                u32 code = quantize1<B>(acc, s_lo[lr * V + s * Q + j], s_inv[lr * V + s * Q + j], nans);
+                codes[s * Q + j] = valid ? (code_t)code : (code_t)0;
             }
         }
-        code_t *codes = smem[wid] + lane * Q;
-#pragma unroll
-        for (int j = 0; j < Q; ++j) {
-            float acc = __fmul_rn(t[0], c_base[j]);
-#pragma unroll
-            for (int k = 1; k < Q; ++k) acc = __fmaf_rn(t[k], c_base[k * Q + j], acc);
-            u32 code = quantize1<B>(acc, lo_r[j], inv_r[j], nans);
-            codes[j] = valid ? (code_t)code : (code_t)0;
-        }
         __syncwarp();
-        // pack the unit's 4 * Q groups of 8 codes
-        const long long g_first = u * (4LL * Q);
-        const long long m = n - u * (32LL * Q);  // values of this unit inside the tensor (may exceed 32Q)
-        for (int gi = lane; gi < 4 * Q; gi += 32) {
+        // pack the unit's 4 * V groups of 8 codes
+        const long long g_first = u * (4LL * V);
+        for (int gi = lane; gi < 4 * V; gi += 32) {
             if ((long long)gi * 8 >= m) break;
             u32 q[8];
 #pragma unroll
@@ -285,22 +381,21 @@ __global__ void __launch_bounds__(32 * WARPS) dec_rot(const u8 *__restrict__ in,
                         const float *__restrict__ ssign, const float *__restrict__ step, const float *__restrict__ lo,
                         int per_channel, long long nbytes, float *__restrict__ y) {
     typedef typename CodeT<B>::T code_t;
-    __shared__ code_t smem[WARPS][32 * Q];
+    __shared__ code_t smem[WARPS][32 * V];
+    __shared__ __align__(16) float fsm[WARPS][32 * V];
+    __shared__ __align__(16) float s_sg[32 * V], s_lo[32 * V], s_st[32 * V];
+    load_tables(s_sg, s_lo, s_st, ssign, lo, step, C, per_channel);
     const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    const int rpu = 32 / G;
+    const int lanes_per_row = G / P;
+    const int rpu = 32 / lanes_per_row;
     const long long units = (rows + rpu - 1) / rpu;
-    const int g = lane % G;
+    const int lr = lane % lanes_per_row;
     const long long n = rows * (long long)C;
-    float sg[Q], lo_r[Q], st_r[Q];
-#pragma unroll
-    for (int j = 0; j < Q; ++j) {
-        const int c = per_channel ? g * Q + j : 0;
-        sg[j] = ssign[g * Q + j]; lo_r[j] = lo[c]; st_r[j] = step[c];
-    }
+    const float *sg = s_sg + lr * V, *lo_r = s_lo + lr * V, *st_r = s_st + lr * V;
     for (long long u = (long long)blockIdx.x * WARPS + wid; u < units; u += (long long)gridDim.x * WARPS) {
-        const long long g_first = u * (4LL * Q);
-        const long long m = n - u * (32LL * Q);
-        for (int gi = lane; gi < 4 * Q; gi += 32) {
+        const long long g_first = u * (4LL * V);
+        const long long m = n - u * (32LL * V);
+        for (int gi = lane; gi < 4 * V; gi += 32) {
             u32 q[8];
             if ((long long)gi * 8 < m) {
                 load_group<B>(in, g_first + gi, q, group_keep<B>(g_first + gi, nbytes));
@@ -312,35 +407,36 @@ __global__ void __launch_bounds__(32 * WARPS) dec_rot(const u8 *__restrict__ in,
             for (int k = 0; k < 8; ++k) smem[wid][gi * 8 + k] = (code_t)q[k];
         }
         __syncwarp();
-        const long long r = u * rpu + lane / G;
-        const bool valid = r < rows;
-        float v[Q], t[Q];
+        float v[V], t[V];
 #pragma unroll
-        for (int j = 0; j < Q; ++j) {
-            v[j] = __fadd_rn(__fmul_rn((float)smem[wid][lane * Q + j], st_r[j]), lo_r[j]);
-        }
+        for (int i = 0; i < V; ++i) v[i] = __fadd_rn(__fmul_rn((float)smem[wid][lane * V + i], st_r[i]), lo_r[i]);
         __syncwarp();
-        // y @ base.T: t[j] = sum_k v[k] * base[j][k]
+        // per group: y @ base.T, t[j] = sum_k v[k] * base[j][k]
 #pragma unroll
-        for (int j = 0; j < Q; ++j) {
-            float acc = __fmul_rn(v[0], c_base[j * Q]);
-#pragma unroll
-            for (int k = 1; k < Q; ++k) acc = __fmaf_rn(v[k], c_base[j * Q + k], acc);
-            t[j] = acc;
-        }
-        for (int h = 1; h < G; h <<= 1) {
-            const bool bottom = (g & h) != 0;
+        for (int s = 0; s < P; ++s) {
 #pragma unroll
             for (int j = 0; j < Q; ++j) {
-                float p = __shfl_xor_sync(0xFFFFFFFFu, t[j], h);
-                t[j] = bottom ? __fsub_rn(p, t[j]) : __fadd_rn(t[j], p);
+                float acc = __fmul_rn(v[s * Q], c_base[j * Q]);
+#pragma unroll
+                for (int k = 1; k < Q; ++k) acc = __fmaf_rn(v[s * Q + k], c_base[j * Q + k], acc);
+                t[s * Q + j] = acc;
             }
         }
-        if (valid) {
-            float *dst = y + r * C + g * Q;
+        butterfly(t, lr, G);
+        float *fs = fsm[wid];
 #pragma unroll
-            for (int j = 0; j < Q; ++j) dst[j] = __fmul_rn(t[j], sg[j]);
+        for (int i = 0; i < V; i += 4)
+            reinterpret_cast<float4 *>(fs + lane * V)[i / 4] =
+                make_float4(__fmul_rn(t[i], sg[i]), __fmul_rn(t[i + 1], sg[i + 1]), __fmul_rn(t[i + 2], sg[i + 2]),
+                            __fmul_rn(t[i + 3], sg[i + 3]));
+        __syncwarp();
+        float *dst = y + u * (32LL * V);
+        if (m >= 32 * V) {
+            for (int i = lane; i < 8 * V; i += 32) reinterpret_cast<float4 *>(dst)[i] = reinterpret_cast<const float4 *>(fs)[i];
+        } else {
+            for (int i = lane; i < 32 * V && i < m; i += 32) dst[i] = fs[i];
         }
+        __syncwarp();
     }
 }
 #endif  // QP_ROT
