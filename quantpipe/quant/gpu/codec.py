@@ -40,6 +40,7 @@ __all__ = ["GpuBoundaryCodec"]
 
 _POOL_DEPTH = 16
 _H2D, _D2H = 1, 2  # cudaMemcpyKind
+_STAGE_MIN_BYTES = 256 * 1024  # smaller payloads are copied from pageable memory directly
 
 
 class _Pool:
@@ -89,6 +90,7 @@ class GpuBoundaryCodec(BoundaryCodec):
         self._reuse = reuse_buffers
         self._device_pool = _Pool(lambda key: cp.empty(key[0], dtype=key[1]))
         self._host_pool = _Pool(self._pinned)
+        self._staging: dict[int, tuple[np.ndarray, Any]] = {}
         self._nan = cp.zeros(1, dtype=np.uint32)
         self._nan_host = self._pinned(4).view(np.uint32)
         self.device_id = int(cp.cuda.Device().id)
@@ -138,6 +140,23 @@ class GpuBoundaryCodec(BoundaryCodec):
     def _memcpy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
         if nbytes:
             self._cp.cuda.runtime.memcpyAsync(dst, src, nbytes, kind, self._cp.cuda.get_current_stream().ptr)
+
+    def _upload(self, dst_ptr: int, payload: np.ndarray) -> None:
+        """Copy a received (pageable) host payload to the device: through a pinned staging buffer, as
+        onnxruntime does, which is about twice as fast as a copy from pageable memory for large tensors
+        (the first hop's float32 images); the buffer is reused once its previous copy has finished."""
+        nbytes = int(payload.nbytes)
+        if nbytes < _STAGE_MIN_BYTES:
+            self._memcpy(dst_ptr, payload.ctypes.data, nbytes, _H2D)
+            return
+        entry = self._staging.get(nbytes)
+        if entry is None:
+            entry = self._staging[nbytes] = (self._pinned(nbytes), self._cp.cuda.Event(block=False, disable_timing=True))
+        buf, done = entry
+        done.synchronize()
+        np.copyto(buf, payload.reshape(-1).view(np.uint8))
+        self._memcpy(dst_ptr, buf.ctypes.data, nbytes, _H2D)
+        done.record()
 
     def _as_flat(self, y):  # noqa: ANN001, ANN202
         cp = self._cp
@@ -280,10 +299,10 @@ class GpuBoundaryCodec(BoundaryCodec):
             out = out.reshape(h.shape)
         payload = checked.payload
         if h.range_kind == wire.RangeKind.NONE:
-            self._memcpy(out.data.ptr, payload.ctypes.data, payload.nbytes, _H2D)
+            self._upload(out.data.ptr, payload)
             return out
         dev = self._device((payload.size,), np.uint8)
-        self._memcpy(dev.data.ptr, payload.ctypes.data, payload.nbytes, _H2D)
+        self._upload(dev.data.ptr, payload)
         flat = out.reshape(-1)
         if h.range_kind == wire.RangeKind.INLINE:
             lo_d, _, step_d = self._device_range(*as_range(h.lo, h.hi), h.bits)
