@@ -5,7 +5,8 @@ deadline and an asyncio future that is resolved exactly once: by its results, by
 timeout, whichever comes first (every later answer is dropped). The fronts put requests in the
 :class:`RequestQueue`; the ZeroMQ thread takes microbatches out of it (:meth:`RequestQueue.take`)
 when the first link has a credit, like Triton's dynamic batcher: up to ``microbatch`` images, or fewer
-once the oldest queued image has waited ``max_queue_delay_s``. A request larger than a microbatch is
+once the oldest queued image has waited ``max_queue_delay_s`` or at once when the pipeline holds
+nothing of ours (a wait would then only add latency). A request larger than a microbatch is
 split over several; a microbatch may hold images of several requests.
 
 The queue is bounded in images: :meth:`RequestQueue.put` refuses at once (:class:`InferError` 503)
@@ -136,18 +137,22 @@ class RequestQueue:
                 self._waiting -= left
                 request.taken = request.n  # take() skips it from now on
 
-    def due_in(self, now: float) -> float | None:
-        """Seconds until a microbatch is due (0: now), or None when nothing is queued."""
+    def due_in(self, now: float, idle: bool = False) -> float | None:
+        """Seconds until a microbatch is due (0: now), or None when nothing is queued.
+
+        ``idle``: the pipeline holds nothing of ours; waiting for a fuller microbatch would then only
+        add latency (nothing is in flight that the wait could overlap with), so it is due at once."""
         with self._lock:
             self._drop_answered()
             if not self._items:
                 return None
-            if self._waiting >= self.microbatch:
+            if self._waiting >= self.microbatch or idle:
                 return 0.0
             return max(0.0, self._items[0].enqueued + self.max_delay - now)
 
     def take(self, now: float, force: bool = False) -> tuple[list[Segment], np.ndarray] | None:
-        """The next microbatch if one is due (``force``: whatever is queued), as segments and images."""
+        """The next microbatch if one is due (``force``: whatever is queued, e.g. the pipeline is idle),
+        as segments and images."""
         with self._lock:
             self._drop_answered()
             if not self._items:

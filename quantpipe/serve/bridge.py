@@ -131,7 +131,7 @@ class Bridge:
         tick = self.sender.options.heartbeat_interval_s / 2
         try:
             while not self._stopping:
-                due = self.queue.due_in(time.monotonic())
+                due = self.queue.due_in(time.monotonic(), idle=not self._inflight)
                 timeout = tick if due is None or not self.sender.has_credit() else min(tick, due)
                 events = dict(poller.poll(max(0, int(timeout * 1000))))
                 if self._wake_r in events:
@@ -156,7 +156,7 @@ class Bridge:
     def _send_due(self) -> None:
         while self.sender.has_credit():
             now = time.monotonic()
-            batch = self.queue.take(now)
+            batch = self.queue.take(now, force=not self._inflight)
             if batch is None:
                 return
             segments, x = batch

@@ -136,6 +136,11 @@ class Server:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="pipeline TOML (stages, [sink].address)")
+    parser.add_argument("--stages-dir", help="export directory (overrides pipeline.stages_dir)")
+    parser.add_argument("--microbatch", type=int, help="most images per microbatch sent to stage 0 (overrides "
+                        "pipeline.microbatch)")
+    parser.add_argument("--credits", type=int, help="unacknowledged microbatches on the link to stage 0 "
+                        "(overrides pipeline.credits)")
     parser.add_argument("--http", default="127.0.0.1:8000", help="HTTP/REST listen address (default 127.0.0.1:8000; "
                         "'' disables it)")
     parser.add_argument("--grpc", default="", help="gRPC listen address, e.g. 127.0.0.1:8001 (default: off)")
@@ -163,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
     from quantpipe.serve.observe import read_token
     from quantpipe.serve.service import ServeOptions
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, {"stages_dir": args.stages_dir, "microbatch": args.microbatch,
+                                    "credits": args.credits})
     try:
         options = ServeOptions(timeout_s=args.timeout, max_queue_images=args.max_queue_images,
                                max_queue_delay_us=args.max_queue_delay_us, decode_workers=args.decode_workers)

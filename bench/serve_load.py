@@ -1,0 +1,254 @@
+"""Load benchmark of ``quantpipe serve``: throughput and p50/p99 latency at several concurrencies, next
+to ``quantpipe run``'s rate for the same pipeline measured in the same invocation (issue 11).
+
+Usage::
+
+    python bench/serve_load.py                                   # builtin pipeline (tools/pipelines/serve-builtin.toml)
+    python bench/serve_load.py --deit-stages out/deit-stages     # + DeiT-Tiny (tools/pipelines/serve-deit-tiny.toml)
+    python bench/serve_load.py --concurrency 1,4,16,64 --seconds 5 --first-hop float32,uint8
+
+For each pipeline it (1) runs ``quantpipe run --count N --rate 1e6`` (source -> stages -> sink, the
+pipeline's own rate), then (2) starts the same stage daemons and ``quantpipe serve`` as processes,
+and drives the server with the official ``tritonclient.http`` from client processes (threads in
+each, one request = ``--images-per-request`` FP32 preprocessed images, binary tensors; ``--client raw``
+sends the same KServe v2 binary request prebuilt, over ``http.client``, so that the clients take little
+of the CPU the pipeline needs), measuring for
+``--seconds`` after a warm-up at each concurrency. It prints one row per (pipeline, first hop,
+concurrency): images/s, the ratio to ``quantpipe run``'s rate, latency p50/p99, and first-hop bytes
+per image. On a small machine the clients share the CPU with the pipeline: the ratio then includes the
+clients' own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config_on_free_ports(src: Path, dst: Path, stages_dir: str | None) -> Path:
+    """A copy of ``src`` whose addresses are free loopback ports (and stages_dir set, if given)."""
+    text = src.read_text()
+    text = re.sub(r'tcp://127\.0\.0\.1:\d+', lambda m: f"tcp://127.0.0.1:{_free_port()}", text)
+    if stages_dir:
+        text = re.sub(r'^stages_dir = .*$', f'stages_dir = "{Path(stages_dir).resolve()}"', text, flags=re.M)
+    dst.write_text(text)
+    return dst
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "quantpipe.cli", *args], env=ENV, cwd=ROOT, **kw)
+
+
+def run_rate(config: Path, count: int, out: Path) -> float:
+    """``quantpipe run``'s output rate (images/s) for ``count`` images offered as fast as it takes them."""
+    p = _cli("run", "--config", str(config), "--count", str(count), "--rate", "1000000", "--out", str(out), "-q",
+             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if p.wait(600) != 0:
+        raise SystemExit(f"quantpipe run failed; see {out}/logs")
+    return float(json.loads((out / "summary.json").read_text())["output_rate"])
+
+
+def _raw_request(model: str, x: np.ndarray):
+    """A reusable KServe v2 binary request (what tritonclient sends), for a client that costs little."""
+    head = json.dumps({"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                "Content-Type": "application/octet-stream"}
+
+
+def _client(url: str, model: str, shape: tuple, threads: int, warm_s: float, seconds: float, kind: str, q) -> None:
+    import http.client
+
+    import tritonclient.http as th
+
+    start = time.monotonic()
+    t0, t1 = start + warm_s, start + warm_s + seconds
+    records: list[tuple[float, int]] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def work(seed: int) -> None:
+        x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+        if kind == "tritonclient":
+            c = th.InferenceServerClient(url, network_timeout=120, connection_timeout=120)
+            inp = th.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=True)
+            out = [th.InferRequestedOutput("logits", binary_data=True)]
+
+            def call() -> None:
+                c.infer(model, [inp], outputs=out)
+        else:
+            host, port = url.rsplit(":", 1)
+            c = http.client.HTTPConnection(host, int(port), timeout=120)
+            body, headers = _raw_request(model, x)
+            path = f"/v2/models/{model}/infer"
+
+            def call() -> None:
+                c.request("POST", path, body, headers)
+                r = c.getresponse()
+                data = r.read()
+                if r.status != 200 or len(data) < 4000 * shape[0]:
+                    raise RuntimeError(f"HTTP {r.status}")
+        while (now := time.monotonic()) < t1:
+            try:
+                call()
+            except Exception:
+                with lock:
+                    errors[0] += 1
+                continue
+            done = time.monotonic()
+            if now >= t0:
+                with lock:
+                    records.append((done - now, shape[0]))
+        c.close()
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    q.put((records, errors[0]))
+
+
+def load(url: str, model: str, shape: tuple, concurrency: int, warm_s: float, seconds: float,
+         kind: str = "raw") -> dict:
+    """Drive the server at ``concurrency`` requests in flight; throughput and latency percentiles."""
+    procs_n = min(concurrency, 4)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    per = [concurrency // procs_n + (i < concurrency % procs_n) for i in range(procs_n)]
+    procs = [ctx.Process(target=_client, args=(url, model, shape, n, warm_s, seconds, kind, q)) for n in per]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=warm_s + seconds + 300) for _ in procs]
+    for p in procs:
+        p.join(30)
+    lat = np.array([r[0] for rec, _ in results for r in rec])
+    images = sum(r[1] for rec, _ in results for r in rec)
+    return {"concurrency": concurrency, "images_per_s": images / seconds, "requests": len(lat),
+            "errors": sum(e for _, e in results),
+            "p50_ms": 1000 * float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+            "p99_ms": 1000 * float(np.percentile(lat, 99)) if len(lat) else float("nan")}
+
+
+def _metric(url: str, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{url}/metrics", timeout=10).read().decode()
+    m = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, warm_s: float,
+                 seconds: float, kind: str) -> list[dict]:
+    n = len(re.findall(r"^\[\[stages\]\]", config.read_text(), re.M))
+    stages = [_cli("stage", "--config", str(config), "--stage", str(k), stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL) for k in range(n)]
+    port = _free_port()
+    server = _cli("serve", "--config", str(config), "--http", f"127.0.0.1:{port}", "--first-hop", first_hop,
+                  "--access-log-per-s", "0", "--max-queue-images", "4096", "--timeout", "120", "-q",
+                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"127.0.0.1:{port}"
+    rows = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise SystemExit("quantpipe serve did not become ready")
+            time.sleep(0.2)
+        model = json.loads(urllib.request.urlopen(f"http://{url}/v2/repository/index", data=b"").read())[0]["name"]
+        for c in levels:
+            b0, i0 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
+            row = load(url, model, shape, c, warm_s, seconds, kind)
+            b1, i1 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
+            row["first_hop_bytes_per_image"] = (b1 - b0) / max(1.0, i1 - i0)
+            rows.append(row)
+    finally:
+        for p in [server, *stages]:
+            p.send_signal(signal.SIGTERM)
+        for p in [server, *stages]:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "tools/pipelines/serve-builtin.toml"))
+    ap.add_argument("--deit-stages", default="", help="DeiT-Tiny export (quantpipe export --split 6); adds that pipeline")
+    ap.add_argument("--deit-config", default=str(ROOT / "tools/pipelines/serve-deit-tiny.toml"))
+    ap.add_argument("--pipelines", default="builtin,deit-tiny", help="which to measure (deit-tiny needs --deit-stages)")
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per concurrency")
+    ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
+    ap.add_argument("--images-per-request", type=int, default=1)
+    ap.add_argument("--first-hop", default="float32", help="comma list of float32, uint8 (builtin pipeline only)")
+    ap.add_argument("--client", default="raw", choices=("raw", "tritonclient"),
+                    help="raw: prebuilt binary KServe v2 requests over http.client (the clients cost little, so "
+                    "the figures show the front's cost); tritonclient: the official client")
+    ap.add_argument("--deit-seconds", type=float, default=0, help="measured seconds per level for DeiT-Tiny "
+                    "(default 3 x --seconds)")
+    ap.add_argument("--run-images", type=int, default=0, help="images for quantpipe run (default: ~5 s worth)")
+    ap.add_argument("--json", default="", help="also write the rows here")
+    args = ap.parse_args()
+    levels = [int(v) for v in args.concurrency.split(",")]
+    wanted = args.pipelines.split(",")
+    pipelines = [("builtin", Path(args.config), None, args.first_hop.split(","))] if "builtin" in wanted else []
+    if args.deit_stages and "deit-tiny" in wanted:
+        pipelines.append(("deit-tiny", Path(args.deit_config), args.deit_stages, ["float32"]))
+    print(f"load: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs; client {args.client}, "
+          f"{args.images_per_request} image(s) per request, "
+          f"{args.seconds:g} s per level after {args.warmup:g} s warm-up")
+    all_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, src, stages_dir, hops in pipelines:
+            cfg = _config_on_free_ports(src, Path(tmp) / f"{name}.toml", stages_dir)
+            count = args.run_images or (1600 if name == "builtin" else 240)
+            rate = run_rate(cfg, count, Path(tmp) / f"run-{name}")
+            print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images)")
+            print(f"{'first hop':>9} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4}")
+            seconds = args.seconds if name == "builtin" else (args.deit_seconds or 3 * args.seconds)
+            for hop in hops:
+                for r in serve_levels(cfg, hop, levels, (args.images_per_request, 3, 224, 224), args.warmup, seconds,
+                                      args.client):
+                    r.update(pipeline=name, first_hop=hop, run_images_per_s=rate, ratio=r["images_per_s"] / rate)
+                    all_rows.append(r)
+                    print(f"{hop:>9} {r['concurrency']:>5} {r['images_per_s']:>8.1f} {r['ratio']:>6.0%} {r['p50_ms']:>8.1f} "
+                          f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4}")
+    print(f"\nload after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(all_rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
