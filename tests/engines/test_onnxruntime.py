@@ -82,3 +82,63 @@ def test_bad_arguments(tiny_stage, tmp_path):
         load_engine(plan, backend="onnxruntime")
     with pytest.raises(ConfigError, match="onnxruntime backend only"):
         load_engine(tiny_stage, backend="tensorrt", providers=["cpu"])
+
+
+def test_cpu_engine_device_and_run_device(tiny_stage):
+    engine = load_engine(tiny_stage, providers=["cpu"], threads=1)
+    assert engine.device == "cpu"
+    with pytest.raises(NotImplementedError, match="runs on the cpu"):
+        engine.run_device(np.zeros((1, 4, 8), np.float32))
+
+
+def test_providers_that_cannot_load_are_skipped_and_logged(tiny_stage, monkeypatch, caplog):
+    """onnxruntime-gpu lists TensorRT everywhere; without libnvinfer it must be skipped up front (no EP Error)."""
+    from quantpipe.engines import onnxruntime as ort_backend
+
+    monkeypatch.setattr(ort_backend, "provider_load_error",
+                        lambda name: "libnvinfer.so.10: cannot open shared object file" if name.startswith("Tensorrt") else "")
+    kept, dropped = ort_backend.loadable_providers(ALL)
+    assert kept == ALL[1:] and list(dropped) == ["TensorrtExecutionProvider"]
+    assert ort_backend.loadable_providers(["TensorrtExecutionProvider"])[0] == ["CPUExecutionProvider"]
+    import onnxruntime
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(ALL))
+    monkeypatch.setattr(onnxruntime, "InferenceSession", _FakeSession)
+    with caplog.at_level(logging.INFO, logger="quantpipe.engines.onnxruntime"):
+        engine = load_engine(tiny_stage)
+    assert _FakeSession.asked == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    line = [r.getMessage() for r in caplog.records if "providers" in r.getMessage()]
+    assert len(line) == 1 and "TensorrtExecutionProvider skipped: cannot load" in line[0]
+    assert engine.device == "cuda" and engine.skipped_providers
+    with pytest.raises(ConfigError, match="TensorrtExecutionProvider was requested but cannot load"):
+        load_engine(tiny_stage, providers=["tensorrt", "cpu"])
+
+
+def test_provider_load_error_is_empty_for_the_cpu_provider():
+    from quantpipe.engines.onnxruntime import provider_load_error
+
+    assert provider_load_error("CPUExecutionProvider") == ""
+
+
+class _FakeSession:
+    """Stands in for onnxruntime.InferenceSession: records the providers asked for."""
+
+    asked: list = []
+
+    def __init__(self, path, sess_options=None, providers=None):  # noqa: ANN001
+        _FakeSession.asked = [p if isinstance(p, str) else p[0] for p in providers]
+        self._providers = list(_FakeSession.asked)
+
+    def get_providers(self):  # noqa: ANN201
+        return self._providers
+
+    def get_inputs(self):  # noqa: ANN201
+        return [_Arg("boundary0", ["batch", 4, 8])]
+
+    def get_outputs(self):  # noqa: ANN201
+        return [_Arg("boundary1", ["batch", 4, 8])]
+
+
+class _Arg:
+    def __init__(self, name, shape):  # noqa: ANN001
+        self.name, self.shape, self.type = name, shape, "tensor(float)"
