@@ -80,7 +80,18 @@ def engine_rates(stages: Path, batch: int, iters: int = 50) -> list[dict]:
         for _ in range(iters):
             eng.run(x)
         host_s = (time.perf_counter() - t0) / iters
-        rows.append({"stage": k, "providers": eng.providers, "device": eng.device,
+        fast = load_engine(man.stage_path(k), tf32=True)
+        for _ in range(5):
+            fast.run_device(xd)
+        cp.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            y = fast.run_device(xd)
+        cp.cuda.Device().synchronize()
+        tf32_s = (time.perf_counter() - t0) / iters
+        del y
+        fast.close()
+        rows.append({"stage": k, "providers": eng.providers, "device": eng.device, "device_io_tf32_img_s": batch / tf32_s,
                      "skipped": getattr(eng, "skipped_providers", {}),
                      "device_io_img_s": batch / dev_s, "host_io_img_s": batch / host_s,
                      "device_io_ms": dev_s * 1e3, "host_io_ms": host_s * 1e3})
@@ -101,6 +112,7 @@ def logits_check(stages: Path, images: Path, batch: int) -> dict:
     cpu = [load_engine(man.stage_path(k), providers=["cpu"], threads=8) for k in range(len(man.stages))]
     gpu = [load_engine(man.stage_path(k)) for k in range(len(man.stages))]
     max_err, same, n, correct_gpu, correct_cpu = 0.0, 0, 0, 0, 0
+    disagree = []
     for b in iter_batches(ds, pre, batch_size=batch, workers=4):
         y = b.images
         for e in cpu:
@@ -111,12 +123,17 @@ def logits_check(stages: Path, images: Path, batch: int) -> dict:
         g = cp.asnumpy(yd)
         max_err = max(max_err, float(np.max(np.abs(g - y))))
         same += int(np.sum(g.argmax(1) == y.argmax(1)))
+        for i in np.nonzero(g.argmax(1) != y.argmax(1))[0]:
+            top2 = np.sort(y[i])[-2:]
+            disagree.append({"image": int(b.ids[i]), "cpu_top2_margin": float(top2[1] - top2[0]),
+                             "max_abs_error": float(np.max(np.abs(g[i] - y[i])))})
         correct_gpu += int(np.sum(g.argmax(1) == b.labels))
         correct_cpu += int(np.sum(y.argmax(1) == b.labels))
         n += len(b.ids)
     return {"images": n, "top1_identical": same, "max_abs_error": max_err, "logit_scale": float(np.abs(y).max()),
             "top1_gpu": correct_gpu / max(1, n), "top1_cpu": correct_cpu / max(1, n),
-            "gpu_providers": gpu[0].providers, "cpu_providers": cpu[0].providers}
+            "gpu_providers": gpu[0].providers, "cpu_providers": cpu[0].providers, "disagreements": disagree,
+            "gpu_describe": gpu[0].describe()}
 
 
 def _scrape(port: int) -> dict:
@@ -220,13 +237,14 @@ def main() -> int:
         for r in report["engines"]:
             print(f"stage {r['stage']} engine-only at batch {args.microbatch}: {r['device_io_img_s']:.0f} img/s "
                   f"device in/out ({r['device_io_ms']:.2f} ms), {r['host_io_img_s']:.0f} img/s host in/out "
-                  f"({r['host_io_ms']:.2f} ms); providers {r['providers']}, skipped {r['skipped']}", flush=True)
+                  f"({r['host_io_ms']:.2f} ms), TF32 on: {r['device_io_tf32_img_s']:.0f} img/s device in/out; providers "
+                  f"{r['providers']}, skipped {r['skipped']}", flush=True)
     if args.images and "logits" not in skip:
         report["logits"] = lg = logits_check(stages, Path(args.images), args.microbatch)
         print(f"logits at 32 bits, GPU chain vs CPU chain on {lg['images']} real images: top-1 identical "
               f"{lg['top1_identical']}/{lg['images']}, max abs error {lg['max_abs_error']:.3g} (max |logit| "
               f"{lg['logit_scale']:.3g}); top-1 vs labels GPU {100 * lg['top1_gpu']:.1f} %, CPU "
-              f"{100 * lg['top1_cpu']:.1f} %", flush=True)
+              f"{100 * lg['top1_cpu']:.1f} %; {lg['gpu_describe']}; disagreements {lg['disagreements']}", flush=True)
     runs = []
     if "pipeline" not in skip:
         for mode in args.modes.split(","):
