@@ -52,7 +52,8 @@ import numpy as np
 from quantpipe import wire
 
 __all__ = ["Setup", "Cluster", "free_port", "expected_top5", "check_results", "chaos_stream", "neighbour",
-           "bad_messages", "send_oversized", "scrape_errors", "rss_kib"]
+           "bad_messages", "send_oversized", "scrape_errors", "rss_kib", "custody_garbage", "custody_attack",
+           "end_of_stream"]
 
 PY = sys.executable
 
@@ -469,6 +470,106 @@ def fuzz_live(workdir: Path, n_bad: int = 100_000, n_oversized: int = 20) -> dic
             "rate_per_s": round(n_bad / counted_s), "daemon_alive": alive, "log_lines": log_lines,
             "valid_images": setup.count, "sink_exit": sink_exit, **{f"valid_{k}": v for k, v in results.items()
                                                                      if k in ("lost", "duplicated", "wrong", "errors")}}
+
+
+# ----------------------------------------------------------------------------------------- custody
+def custody_garbage(seq: int, shape: tuple[int, ...], first_id: int = 0) -> list[tuple[list[bytes], str]]:
+    """Bad data messages with well-formed headers and the given ``seq``, and the kind each is counted as:
+    a truncated and a padded payload, a payload CRC mismatch, and a reference to a clip table the
+    receiver does not hold. Each would steal the microbatch's custody if answered as a duplicate."""
+    trace = wire.pack_trace(time.time())
+    n = int(np.prod(shape))
+    payload = np.zeros(n, dtype=np.float32).tobytes()
+
+    def header(**kw: Any) -> bytes:
+        base = dict(seq=seq, first_id=first_id, shape=tuple(shape), payload_len=len(payload), stage=0)
+        return wire.pack_header(wire.FrameHeader(**{**base, **kw}))
+
+    table_len = n  # 8-bit codes, one byte each
+    return [
+        ([header(), payload[:-4], trace], "length"),  # truncated
+        ([header(), payload + b"\0" * 4, trace], "length"),  # padded
+        ([header(flags=wire.FLAG_PAYLOAD_CRC), payload, struct.pack("<I", zlib.crc32(payload) ^ 1), trace], "crc"),
+        ([header(bits=8, range_kind=wire.RangeKind.TABLE, table_digest=0x5EED, payload_len=table_len),
+          b"\0" * table_len, trace], "table"),  # a clip table this receiver does not hold
+    ]
+
+
+def custody_attack(workdir: Path, n_bad: int = 20_000, setup: Setup | None = None) -> dict[str, Any]:
+    """Issue 12.1: during a real run a raw DEALER sends stage 1 ``n_bad`` invalid messages carrying the
+    seqs of the microbatches stage 1 holds at that moment (accepted, not yet handed on). Only a frame
+    that would be accepted may move custody: every one must be counted under its kind and nothing lost."""
+    import collections
+
+    import zmq
+
+    # Stage 1 is slower than the offered rate, so it always holds a full window of accepted microbatches.
+    setup = setup or Setup(engines=("builtin:linear", "builtin:sleep:25", "builtin:head:16"), count=1200, rate=200.0,
+                           metrics=True)
+    expected = expected_top5(setup)
+    sent: collections.Counter[str] = collections.Counter()
+    ctx = zmq.Context()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVHWM, 1)  # whatever comes back is never read
+    raw.setsockopt(zmq.SNDTIMEO, 5_000)
+    with Cluster(workdir, setup) as c:
+        try:
+            c.start()
+            raw.connect(c.addresses[1])
+            port = c.metrics_ports[1]
+            t0 = time.monotonic()
+            while not c.lines() and time.monotonic() - t0 < 60:
+                time.sleep(0.01)  # the stream is flowing: the seqs aimed at are really held from now on
+            while sum(sent.values()) < n_bad and c.procs["sink"].poll() is None and time.monotonic() - t0 < 120:
+                front = len(c.lines()) // setup.microbatch  # the next seq the sink waits for: stage 1 holds it
+                for seq in range(max(0, front - 1), front + setup.credits + 3):
+                    shape = (setup.microbatch, *setup.input_shape)
+                    for frames, kind in custody_garbage(seq, shape, seq * setup.microbatch):
+                        raw.send_multipart(frames)
+                        sent[kind] += 1
+                time.sleep(0.005)  # spread over the stream
+            sink_exit = c.procs["sink"].wait(60)
+            deadline = time.monotonic() + 10
+            while sum(scrape_errors(port).values()) < sum(sent.values()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            counted = {k: int(v) for k, v in scrape_errors(port).items()}
+        except (subprocess.TimeoutExpired, zmq.ZMQError):
+            sink_exit, counted = None, {}
+        finally:
+            raw.close(0)
+            ctx.term()
+        results = check_results(c.lines(), expected)
+    return {"bad_sent": sum(sent.values()), "sent_by_kind": dict(sent), "counted_by_kind": counted,
+            "sink_exit": sink_exit, **{k: results[k] for k in ("submitted", "answered", "lost", "duplicated", "wrong")}}
+
+
+# ------------------------------------------------------------------------------------- end of stream
+def end_of_stream(workdir: Path, runs: int = 20, setup: Setup | None = None) -> dict[str, Any]:
+    """Issue 12.2: ``runs`` short, fault-free streams; after each the sink exits by itself and every
+    stage gets SIGTERM. A stream that ended well must end every process with exit 0 at once (no stage
+    waiting its 10 s drain for a lost final ACK/DONE). Figures: failures and the slowest stage stop."""
+    setup = setup or Setup(engines=("builtin:linear", "builtin:head:16"), count=48, rate=400.0)
+    stops, failures = [], []
+    for i in range(runs):
+        with Cluster(Path(workdir) / f"run{i}", setup) as c:
+            c.start()
+            sink_exit = c.procs["sink"].wait(60)
+            source_exit = c.procs["source"].wait(30)
+            codes = {"sink": sink_exit, "source": source_exit}
+            slowest = 0.0
+            for k in range(c.n):
+                t = time.monotonic()
+                c.kill(f"stage{k}", signal.SIGTERM)
+                slowest = max(slowest, time.monotonic() - t)
+                codes[f"stage{k}"] = c.procs[f"stage{k}"].returncode
+            stops.append(slowest)
+            lost = check_results(c.lines(), expected_top5(setup))["lost"] if i == 0 else None
+            if any(code != 0 for code in codes.values()) or lost:
+                failures.append({"run": i, "codes": codes, "lost": lost,
+                                 "logs": {n: c.log_tail(n, 1)[-200:] for n, code in codes.items() if code != 0}})
+    return {"runs": runs, "failed": len(failures), "failures": failures[:5],
+            "stage_stop_s_max": round(max(stops), 3), "stage_stop_s_median": round(sorted(stops)[len(stops) // 2], 3)}
 
 
 # --------------------------------------------------------------------------------------------- main

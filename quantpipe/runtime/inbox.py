@@ -52,16 +52,21 @@ class Inbox:
         capacity: most microbatches queued (acknowledged, not yet taken); at capacity the thread
             stops reading input until the owner takes one.
         validate: raises :class:`FrameError` for a data message that must not be acknowledged
-            (:func:`quantpipe.wire.check_frame`); error reports are validated by the link already.
+            (the stage's full check of the frame); error reports are validated by the link already.
+            What it returns, if not None, is kept as ``msg.checked``. It also checks duplicates
+            before the receiver answers them (:attr:`LinkReceiver.validate`).
     """
 
     def __init__(self, ctx: zmq.Context, receiver: LinkReceiver, *, capacity: int,
-                 validate: Callable[[Message], None]) -> None:
+                 validate: Callable[[Message], object]) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.receiver = receiver
         self.capacity = capacity
         self.validate = validate
+        # Duplicates are answered by the receiver itself, in this thread: with the same full check
+        # as new frames, so that only a frame that would be accepted is re-acked or moves custody.
+        receiver.validate = self._check
         self._queue: collections.deque[Message] = collections.deque()
         address = f"inproc://quantpipe-inbox-{os.getpid()}-{next(_names)}"
         self._mine = ctx.socket(zmq.PAIR)  # the owner's end
@@ -160,13 +165,19 @@ class Inbox:
                 return None
             # b"": the owner made room in the queue; the next poll reads again
 
+    def _check(self, msg: Message) -> object:
+        checked = self.validate(msg)
+        if checked is not None:
+            msg.checked = checked  # validated once: the owner decodes from it
+        return checked
+
     def _read(self, rx: LinkReceiver) -> None:
         while len(self._queue) < self.capacity:
             msg = rx.receive(0.0)
             if msg is None:
                 return
             try:
-                self.validate(msg)
+                self._check(msg)
             except FrameError as exc:
                 rx.reject(msg, exc)  # not acknowledged: a resend may arrive intact
                 continue

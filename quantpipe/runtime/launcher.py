@@ -17,6 +17,12 @@ Bandwidth schedules (``--bandwidth-schedule 0:500,20:50,40:250``, Mbit/s on the 
   joined by veth pairs with ``tools/netlinks.sh`` (stage k in namespace k, link k shaped by tc tbf),
   rewrites the stages' addresses to the namespaces' (ports kept), runs every process with
   ``ip netns exec``, changes the tbf rate on schedule, and removes the namespaces at the end.
+
+Stopping: Ctrl-C, SIGTERM and SIGHUP all stop the run the same way (every child gets SIGTERM and
+drains, what is left after the grace time gets SIGKILL, the namespaces are removed), and the exit
+code says so. On Linux every child also asks the kernel for SIGKILL when the launcher dies
+(``PR_SET_PDEATHSIG``), so even ``kill -9`` of the launcher leaves no stage holding its port. A run
+whose sink got every result still fails (exit 1) if any process exited non-zero, naming it.
 """
 
 from __future__ import annotations
@@ -38,9 +44,41 @@ from quantpipe.runtime import timeline
 from quantpipe.runtime.config import PipelineConfig, load_config
 from quantpipe.runtime.stage import add_overrides, overrides_from
 
-__all__ = ["Pipeline", "add_arguments", "run", "NETLINKS"]
+__all__ = ["Pipeline", "add_arguments", "run", "NETLINKS", "Stopped"]
 
 log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class Stopped(KeyboardInterrupt):
+    """The launcher got SIGTERM or SIGHUP: stop like Ctrl-C (a KeyboardInterrupt to every caller)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def _die_with_parent() -> Any:
+    """A ``preexec_fn`` that makes the child get SIGKILL when the launcher dies (Linux), or None.
+
+    libc is loaded here, in the parent: the child, between fork and exec, only makes the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the call: nobody would signal us
+            os._exit(1)
+
+    return preexec
 
 NETLINKS = Path(__file__).resolve().parents[2] / "tools" / "netlinks.sh"
 
@@ -74,6 +112,8 @@ class Pipeline:
         self.logs: dict[str, Any] = {}
         self.t0 = 0.0
         self._applied_step = -1
+        self.exit_codes: dict[str, int] = {}
+        self._preexec = _die_with_parent()
 
     # -- network namespaces ------------------------------------------------------------------------
     def _namespaced(self, cfg: PipelineConfig) -> PipelineConfig:
@@ -112,7 +152,8 @@ class Pipeline:
             argv = ["ip", "netns", "exec", namespace, *argv]
         log_file = (self.out / "logs" / f"{name}.log").open("w")
         self.logs[name] = log_file
-        self.procs[name] = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.procs[name] = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            preexec_fn=self._preexec)
 
     def start(self, ready_timeout_s: float = 180.0) -> None:
         """Write the config, build namespaces, start sink and stages, wait for readiness, start the source."""
@@ -192,8 +233,10 @@ class Pipeline:
             parts.append(f"link {self.cfg.schedule.rate_at(now - self.t0):g} Mbit/s")
         return "  ".join(parts)
 
-    def stop(self, grace_s: float = 15.0) -> None:
-        """SIGTERM every process (stages drain), SIGKILL what is left after ``grace_s``; remove namespaces."""
+    def stop(self, grace_s: float = 15.0) -> dict[str, int]:
+        """SIGTERM every process (stages drain), SIGKILL what is left after ``grace_s``; remove namespaces.
+
+        Returns every process's exit code (also kept in :attr:`exit_codes`)."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -205,6 +248,7 @@ class Pipeline:
                 log.warning("%s did not exit after SIGTERM; killing it", name)
                 p.kill()
                 p.wait()
+            self.exit_codes[name] = p.returncode
         for f in self.logs.values():
             f.close()
         if self.netns:
@@ -212,6 +256,12 @@ class Pipeline:
                 self._netlinks("down", str(len(self.cfg.stages)))
             except QuantpipeError as exc:
                 log.error("%s", exc)
+        return self.exit_codes
+
+    def failed_processes(self) -> list[str]:
+        """``"stage1 exited with code 1 (see logs/stage1.log)"`` for every process that did not exit 0."""
+        return [f"{name} exited with code {code} (see {self.out / 'logs' / (name + '.log')})"
+                for name, code in self.exit_codes.items() if code != 0]
 
     def report(self) -> dict[str, Any]:
         """Write timeline.csv/png and summary.json; return the summary."""
@@ -255,14 +305,30 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline(cfg, out)
     log.info("quantpipe run: %d stage(s), %d image(s), output in %s; config %s", len(cfg.stages), cfg.source.count,
              out, json.dumps(pipeline.cfg.to_dict(), sort_keys=True))
+    stopping = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stopping:  # a second signal while the children are being stopped must not cut that short
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        pipeline.start()
-        code = pipeline.wait(args.timeout)
+        try:
+            pipeline.start()
+            code = pipeline.wait(args.timeout)
+        finally:
+            stopping.append(0)
+            pipeline.stop()
     finally:
-        pipeline.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summ = pipeline.report()
     print(format_summary(summ))
-    return 0 if code == 0 and summ["images"] == cfg.source.count else 1
+    failed = pipeline.failed_processes()
+    for line in failed:
+        print(f"quantpipe run: {line}", file=sys.stderr)
+    return 0 if code == 0 and summ["images"] == cfg.source.count and not failed else 1
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -41,7 +41,9 @@ The protocol on a link (all headers are :mod:`quantpipe.wire` headers, validated
   incarnation changes (it was restarted: whatever it held is gone), and after ``resend_timeout_s`` with capped exponential
   backoff while the peer is silent. Resends to a live peer would only duplicate data on a slow link, so
   they wait for the long ``resend_backoff_max_s``. The receiver drops duplicates by ``seq`` (and acks
-  them again, so the sender stops resending).
+  them again, so the sender stops resending), but only after checking them exactly like a new frame
+  (:attr:`LinkReceiver.validate`): an invalid message is rejected and counted whatever its ``seq``,
+  so a forged duplicate can neither be answered nor take a microbatch's custody.
 * Every received message must fit ``max_message`` bytes per frame (``zmq.MAXMSGSIZE``: an oversized
   peer is disconnected by libzmq before Python sees the bytes); anything malformed is counted by
   :attr:`~quantpipe.errors.FrameError.kind` and dropped, and the daemon keeps serving.
@@ -128,8 +130,11 @@ class LinkSender:
         self.resends = 0
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # IMMEDIATE: never queue into a pipe with no live connection; our own window is the buffer.
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        # No zmq.IMMEDIATE: with it, libzmq tears down the pipe the moment the peer disconnects and
+        # drops what was received but not yet read, so the sink's last ACK/DONE (sent just before it
+        # exits) was often lost and the last stage could not drain. Without it, a frame sent before the
+        # connection is up waits in the pipe (bounded by SNDHWM and our own window), and a duplicate
+        # that reaches a restarted receiver is dropped by seq there.
         self.sock.setsockopt(zmq.SNDHWM, options.window + 8)
         self.sock.setsockopt(zmq.RCVHWM, 4 * options.window + 64)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # only small control messages come back
@@ -214,7 +219,7 @@ class LinkSender:
         try:
             self.sock.send_multipart(p.frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            return False  # no connection yet (IMMEDIATE) or peer's queue full: stays pending
+            return False  # the pipe is full (SNDHWM): stays pending
         p.on_wire = True
         p.attempts += 1
         backoff = min(self.options.resend_timeout_s * 2 ** (p.attempts - 1), self.options.resend_backoff_max_s)
@@ -348,6 +353,8 @@ class Message:
     nbytes: int = 0
     body: bytes = b""
     received_at: float = field(default=0.0)
+    #: What the receiver's validate callback returned for it (e.g. the stage's checked frame), or None.
+    checked: object = None
 
 
 class _SeenSeqs:
@@ -381,16 +388,23 @@ class LinkReceiver:
         options: timers and the maximum frame size.
         stage: this process's stage index (the sink is -1, sent as 0xFFFE).
         on_reject: called with a :class:`FrameError` kind for every dropped message (metrics).
+        validate: the full check of a message that would be accepted: raises :class:`FrameError`
+            otherwise and may return a checked object (stored as :attr:`Message.checked`). The
+            receiver applies it to duplicates before answering them; new messages are validated by
+            the caller (the :class:`~quantpipe.runtime.inbox.Inbox` uses the same callback) before
+            :meth:`accept`. Default: :func:`quantpipe.wire.check_message` for data messages.
         clock: monotonic seconds.
     """
 
     def __init__(self, ctx: zmq.Context, address: str, options: LinkOptions, *, stage: int,
                  on_reject: Callable[[str], None] = lambda kind: None,
+                 validate: Callable[[Message], object] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.address = address
         self.options = options
         self.stage = stage & 0xFFFF
         self.on_reject = on_reject
+        self.validate: Callable[[Message], object] = validate or self.check_wire
         self.clock = clock
         self.incarnation = _incarnation()
         self.duplicates = 0
@@ -435,7 +449,8 @@ class LinkReceiver:
     def receive(self, timeout_s: float) -> Message | None:
         """The next valid, new data or error message, or None after ``timeout_s``.
 
-        Heartbeats are absorbed, duplicates are re-acked and dropped, malformed messages are counted.
+        Heartbeats are absorbed, valid duplicates are re-acked and dropped, malformed messages (and
+        duplicates that fail :attr:`validate`) are counted and dropped.
         """
         deadline = self.clock() + timeout_s
         while True:
@@ -475,26 +490,44 @@ class LinkReceiver:
         except FrameError as exc:
             self._reject(exc.kind, str(exc))
             return None
-        if header.seq in self._seen:
-            self.duplicates += 1
-            self._ack(peer, header.seq)
-            if header.seq in self._done:  # its DONE may have been lost: the sender would keep it forever
-                self._send(peer, wire.encode_control(wire.MsgType.DONE, seq=header.seq, stage=self.stage,
-                                                     first_id=self.incarnation))
-            elif header.seq in self._holders:
-                # Resent by a restarted sender (a new routing id): the DONE must go to the live one.
-                self._holders[header.seq] = peer
-            return None
         body_frames = frames[:-1]
         nbytes = sum(len(f) for f in frames)
+        body = b""
         if header.msg_type == wire.MsgType.ERROR:
             try:
                 _, body = wire.decode_control([f.bytes for f in body_frames])
             except FrameError as exc:
                 self._reject(exc.kind, str(exc))
                 return None
-            return Message(peer, header, body_frames, t_origin, nbytes, body=body, received_at=now)
-        return Message(peer, header, body_frames, t_origin, nbytes, received_at=now)
+        msg = Message(peer, header, body_frames, t_origin, nbytes, body=body, received_at=now)
+        if header.seq in self._seen:
+            self._answer_duplicate(msg)
+            return None
+        return msg
+
+    def check_wire(self, msg: Message) -> None:
+        """The default validation: a data message's frames are complete and intact (CRCs, lengths)."""
+        if msg.header.msg_type == wire.MsgType.DATA:
+            wire.check_message(msg.frames, max_payload=self.options.max_message_bytes)
+
+    def _answer_duplicate(self, msg: Message) -> None:
+        """A message with a seq already accepted: re-ack it (and re-DONE it, or move its custody to
+        this sender) only if it is a frame that would be accepted. Anything else is rejected like any
+        bad frame: a forged duplicate must never take custody of a microbatch or be answered."""
+        try:
+            self.validate(msg)
+        except FrameError as exc:
+            self._reject(exc.kind, f"microbatch {msg.header.seq} (a duplicate seq): {exc}")
+            return
+        seq, peer = msg.header.seq, msg.peer
+        self.duplicates += 1
+        self._ack(peer, seq)
+        if seq in self._done:  # its DONE may have been lost: the sender would keep it forever
+            self._send(peer, wire.encode_control(wire.MsgType.DONE, seq=seq, stage=self.stage,
+                                                 first_id=self.incarnation))
+        elif seq in self._holders:
+            # Resent by a restarted sender (a new routing id): the DONE must go to the live one.
+            self._holders[seq] = peer
 
     def accept(self, msg: Message) -> None:
         """Take the message into the data path: ack it (frees the sender's credit) and remember its seq.

@@ -128,6 +128,11 @@ class Sink:
                 continue
             last = time.monotonic()
             seq = msg.header.seq
+            try:  # whatever its seq, only a frame that would be accepted is answered
+                self.link.validate(msg)
+            except FrameError as exc:
+                self.link.reject(msg, exc)
+                continue
             if seq < self._next_seq:  # written before a restart: the last stage resent it
                 self.link.accept(msg)
                 self.link.done(seq)
