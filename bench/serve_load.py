@@ -234,7 +234,7 @@ def main() -> int:
             cfg = _config_on_free_ports(src, Path(tmp) / f"{name}.toml", stages_dir)
             count = args.run_images or (1600 if name == "builtin" else 240)
             rate = run_rate(cfg, count, Path(tmp) / f"run-{name}")
-            print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images)")
+            print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images; the ratios below are to this rate)")
             print(f"{'first hop':>9} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4}")
             seconds = args.seconds if name == "builtin" else (args.deit_seconds or 3 * args.seconds)
             for hop in hops:
@@ -244,6 +244,8 @@ def main() -> int:
                     all_rows.append(r)
                     print(f"{hop:>9} {r['concurrency']:>5} {r['images_per_s']:>8.1f} {r['ratio']:>6.0%} {r['p50_ms']:>8.1f} "
                           f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4}")
+            again = run_rate(cfg, count, Path(tmp) / f"run-{name}-again")
+            print(f"{name}: quantpipe run again after the serve levels: {again:.1f} img/s (drift of the machine)")
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(all_rows, indent=2))

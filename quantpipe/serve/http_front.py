@@ -118,6 +118,10 @@ class HttpFront:
             except web.HTTPException as exc:  # no route (404), wrong method (405), ...
                 reason = "bad_path" if exc.status == 404 else "bad_request"
                 response = _error(exc.status, f"{request.method} {request.path}: {exc.reason}")
+            except Exception:  # a bug: keep the traceback in the log, answer in the protocol's form
+                log.exception("serve: %s %s failed", request.method, request.path)
+                reason = "internal"
+                response = _error(500, "internal server error (see the server's log)")
         seconds = time.perf_counter() - t0
         if request.path.endswith("/infer"):
             self.service.metrics.answered("http", seconds, reason)
@@ -182,8 +186,6 @@ class HttpFront:
             hlen = int(header_len) if header_len is not None else None
         except ValueError:
             raise InferError(f"Inference-Header-Content-Length {header_len!r} is not an integer") from None
-        if request.headers.get("Content-Encoding", "identity") not in ("identity", ""):
-            raise InferError("compressed request bodies are not supported: send without request compression")
         req = parse_http_request(body, hlen)
         outputs = await self.service.infer(req)
         payload, json_len = encode_http_response(self.service.model.name, VERSION, req.id, outputs)

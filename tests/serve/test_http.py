@@ -82,6 +82,16 @@ def test_request_larger_than_a_microbatch_is_split_and_reassembled(builtin_pipel
     np.testing.assert_allclose(r.as_numpy("logits"), chained(cfg, x), rtol=1e-5, atol=1e-6)
 
 
+def test_compressed_requests_and_versioned_paths_work(builtin_pipeline):
+    cfg, srv = builtin_pipeline
+    x = _images(2, seed=6)
+    r = th.InferenceServerClient(srv.http_url).infer(MODEL, [_input("input", x, "FP32")], model_version="1",
+                                                     request_compression_algorithm="gzip")
+    np.testing.assert_allclose(r.as_numpy("logits"), chained(cfg, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InferenceServerException, match="only version 1"):
+        th.InferenceServerClient(srv.http_url).infer(MODEL, [_input("input", x, "FP32")], model_version="2")
+
+
 def test_uint8_pixels_and_encoded_images_are_preprocessed_like_calibration(builtin_pipeline):
     from PIL import Image
 
