@@ -201,6 +201,29 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
     return rows
 
 
+def conversion_costs() -> list[tuple[str, float]]:
+    """The server's CPU per image to turn each input kind into each first hop (ms, in this process)."""
+    from quantpipe.calib.data import Preprocess
+    from quantpipe.serve.model import ServedModel
+    from quantpipe.serve.protocol import Tensor
+
+    pre = Preprocess.from_config({})
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
+    px = rng.integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    rows = []
+    for hop in ("float32", "uint8"):
+        m = ServedModel("m", (3, 224, 224), (1000,), hop, pre)
+        for name, t in (("FP32 [8,3,224,224]", Tensor("input", "FP32", x.shape, x)),
+                        ("UINT8 [8,224,224,3]", Tensor("pixels", "UINT8", px.shape, px))):
+            m.to_stage_input([t])
+            t0 = time.perf_counter()
+            for _ in range(5):
+                m.to_stage_input([t])
+            rows.append((f"{name} -> {hop} hop", (time.perf_counter() - t0) / 5 / 8 * 1e3))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "tools/pipelines/serve-builtin.toml"))
@@ -228,6 +251,8 @@ def main() -> int:
     print(f"load: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs; client {args.client}, "
           f"{args.images_per_request} image(s) per request, "
           f"{args.seconds:g} s per level after {args.warmup:g} s warm-up")
+    for what, ms in conversion_costs():
+        print(f"  server CPU per image, {what}: {ms:.2f} ms")
     all_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, src, stages_dir, hops in pipelines:
