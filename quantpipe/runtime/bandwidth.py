@@ -15,10 +15,27 @@ bottleneck the link is always busy and both definitions agree.
 
 A :class:`WindowStats` is closed every N acknowledged microbatches (the policy window) and handed to
 the bitwidth policy (:mod:`quantpipe.runtime.policy`).
+
+**A step of the link closes the window early.** A window of N acks blends the rate before and after a
+step, and when the link collapses N acks of frames sized for the old rate take many nominal windows:
+the policy would react late and on a blended figure (issue 12.5). So every ack also gives a per-frame
+*delivery rate*: the frame's bytes over the time since the link started carrying it (the previous ack,
+or its send when the link was idle). The window closes at once, holding only the frames that saw the
+new rate, when
+
+* the link collapsed: the last frame, if the link carried it for at least ``min_frame_s`` (long
+  enough that scheduling noise cannot halve its rate), or the last two frames together, were
+  delivered at less than ``collapse_factor`` of the last window's estimate; or
+* the link got faster: the last two frames together were delivered at more than
+  ``1 / collapse_factor`` times the estimate.
+
+The policy then sees the new rate about one frame time after the step, and the byte bound of the
+credit window (:meth:`quantpipe.runtime.link.LinkSender.has_credit`) follows it.
 """
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 __all__ = ["WindowStats", "BandwidthEstimator"]
@@ -36,6 +53,7 @@ class WindowStats:
         busy_s: seconds with at least one frame outstanding.
         elapsed_s: wall seconds from the window's start to its close.
         bits: the bitwidth most of the window's bytes were sent at.
+        closed_early: the window was cut short because the link collapsed (see the module docstring).
     """
 
     microbatches: int
@@ -45,6 +63,7 @@ class WindowStats:
     busy_s: float
     elapsed_s: float
     bits: int
+    closed_early: bool = False
 
     @property
     def bandwidth(self) -> float:
@@ -68,18 +87,31 @@ class BandwidthEstimator:
         max_window_s: also close a window after this many seconds if it holds at least one ack. When a
             link collapses, N acknowledgements of frames sized for the old rate can take many times the
             nominal window; the cap bounds how stale the policy's view gets (None: the paper's rule only).
+        collapse_factor: close the window early when the frames' delivery rate is below this fraction
+            of the last window's estimate, or above its inverse (0: never; see the module docstring).
+        min_frame_s: a single frame is evidence of a collapse only if the link carried it this long.
     """
 
-    def __init__(self, window: int, max_window_s: float | None = None) -> None:
+    def __init__(self, window: int, max_window_s: float | None = None, collapse_factor: float = 0.5,
+                 min_frame_s: float = 0.1) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1 microbatch, got {window}")
         if max_window_s is not None and not max_window_s > 0:
             raise ValueError(f"max_window_s must be > 0, got {max_window_s}")
+        if not 0 <= collapse_factor < 1:
+            raise ValueError(f"collapse_factor must be in [0, 1), got {collapse_factor}")
         self.window = window
         self.max_window_s = max_window_s
+        self.collapse_factor = collapse_factor
+        self.min_frame_s = min_frame_s
         self._outstanding = 0
         self._busy_since: float | None = None
         self._last_estimate = 0.0
+        self._sent_at: collections.deque[float] = collections.deque()  # first sends not yet acked, in order
+        self._last_ack: float | None = None
+        # The last two frames: (bytes, seconds the link carried them, images, fp32 bytes, bits).
+        self._recent: collections.deque[tuple[int, float, int, int, int]] = collections.deque(maxlen=2)
+        self.early_closes = 0
         self._reset(None)
 
     def _reset(self, now: float | None) -> None:
@@ -110,6 +142,7 @@ class BandwidthEstimator:
         if self._outstanding == 0:
             self._busy_since = now
         self._outstanding += 1
+        self._sent_at.append(now)
 
     def on_ack(self, now: float, nbytes: int, images: int, bits: int, fp32_bytes: int) -> WindowStats | None:
         """A frame of ``nbytes`` carrying ``images`` at ``bits`` was acknowledged.
@@ -119,6 +152,12 @@ class BandwidthEstimator:
         if self._outstanding <= 0:
             raise RuntimeError("ack without an outstanding send: the link layer double-counted")
         self._outstanding -= 1
+        sent = self._sent_at.popleft() if self._sent_at else now
+        # Delivery rate of this frame: the link carried it from when it went out or, if the link was
+        # still busy with the previous one then, from that one's ack.
+        carried = now - max(sent, self._last_ack if self._last_ack is not None else sent)
+        self._last_ack = now
+        self._recent.append((nbytes, max(carried, 0.0), images, fp32_bytes, bits))
         if self._outstanding == 0 and self._busy_since is not None:
             self._busy += now - self._busy_since
             self._busy_since = None
@@ -127,6 +166,9 @@ class BandwidthEstimator:
         self._bytes += nbytes
         self._fp32 += fp32_bytes
         self._bytes_by_bits[bits] = self._bytes_by_bits.get(bits, 0) + nbytes
+        collapsed = self._collapsed()
+        if collapsed is not None:
+            return collapsed
         timed_out = self.max_window_s is not None and self._start is not None and now - self._start >= self.max_window_s
         if self._mb < self.window and not timed_out:
             return None
@@ -138,4 +180,33 @@ class BandwidthEstimator:
         )
         self._last_estimate = stats.bandwidth
         self._reset(now)
+        return stats
+
+    def _collapsed(self) -> WindowStats | None:
+        """The window closed early from the last frame(s), if their rate says the link stepped."""
+        est, f = self._last_estimate, self.collapse_factor
+        if f <= 0 or est <= 0 or not self._recent:
+            return None
+
+        def rate(frames: list) -> float:
+            carried = sum(r[1] for r in frames)
+            return sum(r[0] for r in frames) / carried if carried > 0 else float("inf")
+
+        last, both = [self._recent[-1]], list(self._recent)
+        long_last = last[0][1] >= self.min_frame_s and rate(last) < f * est
+        pair = len(both) == 2
+        if long_last or (pair and rate(both) < f * est):
+            frames = last if rate(last) <= rate(both) else both  # the frames that saw the new rate best
+        elif pair and f * rate(both) > est:
+            frames = both
+        else:
+            return None
+        carried = sum(r[1] for r in frames)
+        stats = WindowStats(microbatches=len(frames), images=sum(r[2] for r in frames), bytes=sum(r[0] for r in frames),
+                            fp32_bytes=sum(r[3] for r in frames), busy_s=carried, elapsed_s=carried,
+                            bits=frames[-1][4], closed_early=True)
+        self.early_closes += 1
+        self._last_estimate = stats.bandwidth
+        self._recent.clear()  # the next verdict needs two frames measured against the new estimate
+        self._reset(self._last_ack)
         return stats

@@ -258,6 +258,20 @@ class Pipeline:
                 log.error("%s", exc)
         return self.exit_codes
 
+    def _floors(self, events: list[dict[str, Any]]) -> list[float] | None:
+        """Per schedule step, the output rate to be back to: R, or what the link carries at the narrowest
+        bitwidth when that is less (from the boundary size the stage reported)."""
+        sched = self.cfg.schedule
+        sized = [e for e in events if e.get("event") == "window" and e.get("images")]
+        if sched is None or not sized:
+            return None
+        w = sized[0]  # the stage's window record: wire bytes (headers included) at w["bits"]
+        fp32_per_image = w["bytes"] / w["images"] * 32 / w["bits"]
+        narrowest = (self.cfg.fixed_bits if self.cfg.policy == "fixed" and self.cfg.fixed_bits
+                     else min(self.cfg.allowed_bits(tuple(b for b in self.cfg.bits if b != 32))))
+        per_image = fp32_per_image * narrowest / 32
+        return [min(self.cfg.target_rate, rate * 1e6 / 8 / per_image) for _, rate in sched.steps]
+
     def failed_processes(self) -> list[str]:
         """``"stage1 exited with code 1 (see logs/stage1.log)"`` for every process that did not exit 0."""
         return [f"{name} exited with code {code} (see {self.out / 'logs' / (name + '.log')})"
@@ -278,7 +292,10 @@ class Pipeline:
         if len(self.cfg.stages) > 1:
             events = timeline.read_jsonl(self.out / "events-stage0.jsonl")
             steps = [t for t, _ in sched.steps] if sched else [0.0]
-            summ["adaptation"] = timeline.adaptation(events, steps, self.t0)
+            summ["adaptation"] = timeline.adaptation(
+                events, steps, self.t0, results=results, target_rate=self.cfg.target_rate,
+                floors=self._floors(events), window_s=self.cfg.window * self.cfg.microbatch / self.cfg.target_rate,
+                microbatch=self.cfg.microbatch)
         (self.out / "summary.json").write_text(json.dumps(summ, indent=2))
         return summ
 
@@ -337,7 +354,13 @@ def format_summary(s: dict[str, Any]) -> str:
              + (f"; top-1 {100 * s['top1']:.1f} %" if s.get("top1") is not None else "")
              + ("" if s["in_order"] else "; RESULTS OUT OF ORDER")]
     for a in s.get("adaptation", []):
-        lines.append(f"  from t={a['step_s']:g}s: settled on {a['bits']} bits after {a['settled_after_windows']} "
-                     f"window(s) ({a['settle_s']:.2f} s), {a['changes']} change(s) in {a['windows']} window(s)")
+        if a.get("settle_s") is None and "floor_rate" in a:
+            back = f"output never back to {a['floor_rate']:g} img/s"
+        elif "floor_rate" in a:
+            back = (f"output back to {a['floor_rate']:g} img/s (-10 %) after {a['settle_s']:.2f} s "
+                    f"({a['settled_after_windows']} window(s)), {a['changes_after_settling']} bitwidth change(s) after")
+        else:
+            back = "output rate not measured"
+        lines.append(f"  from t={a['step_s']:g}s: {back}; bits {a['decisions']} -> {a['bits']}")
     lines.append(f"timeline: {s['timeline_csv']}" + (f", plot: {s['timeline_png']}" if s.get("timeline_png") else ""))
     return "\n".join(lines)

@@ -180,8 +180,12 @@ class LinkSender:
         if len(self._pending) + len(self._custody) >= self.custody_limit:
             return False  # the receiver holds all it may (acked, not handed on): bounded memory everywhere
         limit = self.estimator.estimate * self.options.inflight_delay_s
-        # Two frames are always allowed: with one, the link idles for a round trip after every frame.
-        return len(self._pending) < 2 or limit <= 0 or self._inflight_bytes < limit
+        # One frame is always allowed; a second only while less than inflight_delay_s of link time is
+        # unacknowledged. A frame longer than that on its own (a 32-bit microbatch on a link that just
+        # collapsed) is the only one committed at the old bitwidth: the next is encoded after its ack,
+        # at the bitwidth that ack's window chose. The cost is a round trip of idle link per frame
+        # while frames are that long (raise inflight_delay_s on a high-latency link).
+        return not self._pending or limit <= 0 or self._inflight_bytes < limit
 
     def peer_alive(self) -> bool:
         return self.clock() - self._last_heard < self.options.peer_timeout_s

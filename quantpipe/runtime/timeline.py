@@ -10,8 +10,10 @@ built after (or during) a run from the files ``quantpipe run`` leaves in its out
 
 :func:`build` bins them into rows (one per ``bin_s`` seconds), :func:`write_csv` and :func:`plot`
 write ``timeline.csv`` / ``timeline.png`` (matplotlib is imported only there), :func:`adaptation`
-measures, after each step of the schedule, how many policy windows the stage needed to settle and
-whether it changed bitwidth again afterwards (oscillation).
+measures, after each step of the schedule, how long the pipeline took to settle **judged by the output
+rate at the sink** (:func:`output_settle`), in seconds and in nominal policy windows, and how often the
+stage changed bitwidth after that (oscillation). Counting bitwidth decisions instead would call a
+pipeline settled while the frames already encoded at the old bitwidth still throttle its output.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 from quantpipe.runtime.shaping import RateSchedule
 
-__all__ = ["Row", "read_jsonl", "build", "write_csv", "plot", "adaptation", "summary"]
+__all__ = ["Row", "read_jsonl", "build", "write_csv", "plot", "adaptation", "output_settle", "summary"]
 
 
 @dataclass
@@ -115,10 +117,42 @@ def plot(rows: list[Row], path: Path, *, target_rate: float, title: str = "") ->
     return path
 
 
-def adaptation(events: list[dict[str, Any]], steps: list[float], t0: float) -> list[dict[str, Any]]:
-    """For each step time (seconds after ``t0``): windows until the last bitwidth change of that phase,
-    the bitwidth it settled on, and how many changes happened (1 or 0 = no oscillation)."""
+def output_settle(times: list[float], start: float, end: float, floor: float, *, slack_images: int = 0,
+                  tolerance: float = 0.10, step_s: float = 0.05) -> float | None:
+    """Seconds after ``start`` from which the output keeps up with ``floor`` images/s until ``end``.
+
+    ``times`` are the sink's result times (seconds, same clock as ``start``/``end``). Settled at ``s`` means
+    that from ``start + s`` on, every result time ``t`` up to ``end`` has at least
+    ``(1 - tolerance) * floor * (t - (start + s)) - slack_images`` results since ``start + s``, and so does
+    ``end`` itself: the output rate is back within ``tolerance`` of ``floor`` and stays there (a rate above
+    it, while a backlog drains, counts as kept up). ``slack_images`` (one microbatch) absorbs that results
+    arrive a microbatch at a time. None: it never settled in the phase.
+    """
+    ts = sorted(t for t in times if start <= t < end)
+    need = (1.0 - tolerance) * floor
+    s = 0.0
+    while start + s < end:
+        lo = start + s
+        after = [t for t in ts if t >= lo]
+        ok = all(n + 1 >= need * (t - lo) - slack_images for n, t in enumerate(after))
+        if ok and len(after) >= need * (end - lo) - slack_images:
+            return round(s, 3)
+        s += step_s
+    return None
+
+
+def adaptation(events: list[dict[str, Any]], steps: list[float], t0: float, *, results: list[dict[str, Any]] | None = None,
+               target_rate: float | None = None, floors: list[float] | None = None, window_s: float | None = None,
+               microbatch: int = 0, t_end: float | None = None) -> list[dict[str, Any]]:
+    """For each step time (seconds after ``t0``): when the output rate was back (see :func:`output_settle`;
+    needs ``results`` and ``target_rate``), that in nominal windows (``window_s``), the bitwidth decisions
+    and how many changes happened after that moment (0 or 1 = no oscillation). ``floors`` is the rate
+    to be back to per step (default ``target_rate``; below it when even the narrowest bitwidth cannot
+    carry R on that step's link). The decision-based ``settled_after_windows`` of earlier versions is
+    kept as ``decisions_settled_after_windows``."""
     windows = [e for e in events if e.get("event") == "window"]
+    times = [r["t"] - t0 for r in (results or []) if "t" in r]
+    last = t_end if t_end is not None else (max(times) if times else math.inf)
     out = []
     for i, start in enumerate(steps):
         end = steps[i + 1] if i + 1 < len(steps) else math.inf
@@ -133,9 +167,19 @@ def adaptation(events: list[dict[str, Any]], steps: list[float], t0: float) -> l
                 changes.append(j)
             prev = w["next_bits"]
         settle = (changes[-1] + 1) if changes else 0
-        out.append({"step_s": start, "windows": len(phase), "settled_after_windows": settle,
-                    "changes": len(changes), "bits": phase[-1]["next_bits"] if phase else None,
-                    "settle_s": round(phase[settle - 1]["t"] - t0 - start, 3) if settle else 0.0})
+        entry = {"step_s": start, "windows": len(phase), "decisions_settled_after_windows": settle,
+                 "changes": len(changes), "bits": phase[-1]["next_bits"] if phase else None,
+                 "decisions": [w["next_bits"] for w in phase],
+                 "decisions_settle_s": round(phase[settle - 1]["t"] - t0 - start, 3) if settle else 0.0}
+        if results is not None and target_rate:
+            floor = floors[i] if floors else target_rate
+            settle_s = output_settle(times, start, min(end, last), floor, slack_images=microbatch)
+            entry.update(floor_rate=round(floor, 2), settle_s=settle_s,
+                         settled_after_windows=(None if settle_s is None or not window_s
+                                                else round(settle_s / window_s, 2)),
+                         changes_after_settling=(None if settle_s is None else sum(
+                             1 for j in changes if phase[j]["t"] - t0 > start + settle_s)))
+        out.append(entry)
     return out
 
 
