@@ -58,3 +58,21 @@ def test_bad_listen_address_is_a_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(path), "--http", "localhost"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "write HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_links_behind_the_server_keep_curve(tmp_path):
+    import tritonclient.http as th
+
+    from quantpipe.runtime import keys
+    from tests.serve.conftest import ServerThread
+    from tests.serve.test_http import _images, _input, chained
+
+    keydir = tmp_path / "keys"
+    for name in ("source", "stage0", "stage1", "sink"):
+        keys.generate(keydir, name)
+    cfg = load_config(write_config(tmp_path, ["builtin:identity", "builtin:head:1000"])).replace(keys_dir=str(keydir))
+    with stages_in_threads(cfg), ServerThread(cfg) as srv:
+        srv.wait_ready()  # stage 0 accepted the server's 'source' key, the last stage trusts its 'sink' key
+        x = _images(3, seed=2)
+        r = th.InferenceServerClient(srv.http_url).infer(MODEL, [_input("input", x, "FP32")])
+        np.testing.assert_allclose(r.as_numpy("logits"), chained(cfg, x), rtol=1e-5, atol=1e-6)
