@@ -204,3 +204,33 @@ def test_uint8_first_hop_carries_the_cropped_pixels_exactly(tmp_path):
     np.testing.assert_allclose(r.as_numpy("logits"), expected, rtol=1e-5, atol=1e-5)
     # one 64-byte header + 1 byte per value: a quarter of the float32 hop
     assert f"quantpipe_serve_first_hop_bytes_total {64.0 + 3 * 3 * 32 * 32}" in text
+
+
+def test_sixty_four_clients_connecting_at_once_are_all_served(builtin_pipeline):
+    import threading
+
+    cfg, srv = builtin_pipeline
+    x = _images(1, seed=64)
+    expected = chained(cfg, x)
+    barrier = threading.Barrier(64)
+    answers: list = []
+
+    def one() -> None:
+        c = th.InferenceServerClient(srv.http_url, connection_timeout=30, network_timeout=30)
+        barrier.wait()  # all 64 connect and send at the same moment
+        try:
+            answers.append(c.infer(MODEL, [_input("input", x, "FP32")]).as_numpy("logits"))
+        except InferenceServerException as exc:
+            answers.append(exc)
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=one) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(answers) == 64
+    for a in answers:
+        assert isinstance(a, np.ndarray), a
+        np.testing.assert_allclose(a, expected, rtol=1e-5, atol=1e-6)
