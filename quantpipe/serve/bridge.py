@@ -73,16 +73,20 @@ class Bridge:
         post: schedules a callable on the event loop (``loop.call_soon_threadsafe``).
         ctx: ZeroMQ context (CURVE-configured when ``keys_dir`` is set).
         observe_batch: called with each microbatch's size, its requests' queue times and its bytes (metrics).
+        on_reject: called with the kind of every result message dropped (metrics).
+        stall_s: not ready while a microbatch is older than this (and 4x the slowest round trip).
     """
 
     def __init__(self, cfg: PipelineConfig, queue: RequestQueue, deliver: Callable, post: Callable,
                  ctx: zmq.Context, observe_batch: Callable[[int, list[float], int], None] = lambda n, q, b: None,
-                 on_reject: Callable[[str], None] = lambda kind: None) -> None:
+                 on_reject: Callable[[str], None] = lambda kind: None, stall_s: float = 10.0) -> None:
         self.cfg = cfg
         self.queue = queue
         self.deliver = deliver
         self.post = post
         self.observe_batch = observe_batch
+        self.stall_s = stall_s
+        self._slowest = 0.0  # longest microbatch round trip seen, s
         opts = LinkOptions(window=cfg.credits)
         self.sender = LinkSender(ctx, cfg.stages[0].address, opts, stage=wire.SOURCE_STAGE, policy_window=cfg.window)
         self.receiver = LinkReceiver(ctx, cfg.sink.address, opts, stage=SINK_STAGE, on_reject=on_reject)
@@ -104,8 +108,19 @@ class Bridge:
             pass  # a wake-up is already pending
 
     def ready(self) -> bool:
-        """Both ends of the pipeline are alive: stage 0 answered us and the last stage reached us."""
-        return self.sender.peer_alive() and self.receiver.peer_alive()
+        """Both ends of the pipeline are alive (stage 0 answers us, the last stage reaches us) and the
+        pipeline is not stalled (see :meth:`stalled`)."""
+        return self.sender.peer_alive() and self.receiver.peer_alive() and not self.stalled()
+
+    def stalled(self) -> bool:
+        """A microbatch has been in the pipeline for longer than ``stall_s`` and four times the slowest
+        one seen: a stage between the two ends is down (its neighbours keep heartbeating, so only the
+        missing results show it). Safe to call from another thread."""
+        entries = tuple(self._inflight.values())  # one atomic copy: the ZeroMQ thread changes the dict
+        if not entries:
+            return False
+        oldest = min(e.sent_at for e in entries)
+        return time.monotonic() - oldest > max(self.stall_s, 4 * self._slowest)
 
     @property
     def in_flight(self) -> int:
@@ -203,6 +218,7 @@ class Bridge:
             self.receiver.accept(msg)
             parts = [(s, y[s.offset:s.offset + s.count]) for s in entry.segments]
         del self._inflight[h.seq]
+        self._slowest = max(self._slowest, time.monotonic() - entry.sent_at)
         self.post(self.deliver, parts)
         self.receiver.done(h.seq)  # handed to the waiting requests: the last stage may forget it
 

@@ -158,6 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-hop", default="auto", choices=("auto", "float32", "uint8"),
                         help="what the link to stage 0 carries: uint8 pixels (stage 0 must take pixels) or "
                         "float32 normalized images; auto: what the export's manifest says")
+    parser.add_argument("--stall-timeout", type=float, default=10.0,
+                        help="not ready while a microbatch has been in the pipeline this long (and 4x the slowest "
+                        "seen): a stage between the ends is down (default 10 s)")
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="largest request accepted, MB (413 above)")
     parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding and resizing images")
     parser.add_argument("--access-log-per-s", type=float, default=10.0,
@@ -172,9 +175,10 @@ def run(args: argparse.Namespace) -> int:
                                     "credits": args.credits})
     try:
         options = ServeOptions(timeout_s=args.timeout, max_queue_images=args.max_queue_images,
-                               max_queue_delay_us=args.max_queue_delay_us, decode_workers=args.decode_workers)
+                               max_queue_delay_us=args.max_queue_delay_us, decode_workers=args.decode_workers,
+                               stall_s=args.stall_timeout)
     except ValueError as exc:
-        raise ConfigError(f"{exc}: check --timeout, --max-queue-images, --max-queue-delay-us, --decode-workers") from None
+        raise ConfigError(f"{exc}: check --timeout, --max-queue-images, --max-queue-delay-us, --decode-workers, --stall-timeout") from None
     if args.max_body_mb <= 0:
         raise ConfigError("--max-body-mb must be > 0")
     server = Server(cfg, http=parse_hostport(args.http, "--http") if args.http else None,

@@ -34,13 +34,14 @@ class ServeOptions:
     """Serving settings (units in the names)."""
 
     def __init__(self, *, timeout_s: float = 30.0, max_queue_images: int = 0, max_queue_delay_us: int = 2000,
-                 decode_workers: int = 2) -> None:
-        if timeout_s <= 0 or max_queue_images < 0 or max_queue_delay_us < 0 or decode_workers < 1:
-            raise ValueError("timeout > 0, queue size >= 0, delay >= 0 and workers >= 1 are required")
+                 decode_workers: int = 2, stall_s: float = 10.0) -> None:
+        if timeout_s <= 0 or max_queue_images < 0 or max_queue_delay_us < 0 or decode_workers < 1 or stall_s <= 0:
+            raise ValueError("timeout > 0, queue size >= 0, delay >= 0, workers >= 1 and stall timeout > 0 are required")
         self.timeout_s = timeout_s
         self.max_queue_images = max_queue_images
         self.max_queue_delay_us = max_queue_delay_us
         self.decode_workers = decode_workers
+        self.stall_s = stall_s
 
 
 class InferenceService:
@@ -59,7 +60,8 @@ class InferenceService:
         capacity = options.max_queue_images or 64 * cfg.microbatch
         self.queue = RequestQueue(capacity, cfg.microbatch, options.max_queue_delay_us / 1e6)
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.bridge = Bridge(cfg, self.queue, self._deliver, self._post, ctx, observe_batch=self.metrics.observe_batch)
+        self.bridge = Bridge(cfg, self.queue, self._deliver, self._post, ctx, observe_batch=self.metrics.observe_batch,
+                             stall_s=options.stall_s)
         self.queue._wake = self.bridge.wake
         self._decoder = ThreadPoolExecutor(options.decode_workers, thread_name_prefix="quantpipe-serve-decode")
         self._in_flight = 0

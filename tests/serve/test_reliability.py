@@ -138,3 +138,23 @@ def test_stage_killed_and_restarted_under_load_every_request_answered_once(tmp_p
     counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                   if line.startswith("quantpipe_serve_requests_total{"))
     assert counted == sent  # the server answered each request once: no lost and no double answers
+
+
+def test_not_ready_while_a_middle_stage_is_down(tmp_path):
+    cfg = load_config(write_config(tmp_path, ["builtin:identity", "builtin:linear", "builtin:head:1000"]))
+    with stages_in_threads(cfg) as daemons, ServerThread(cfg, options=ServeOptions(timeout_s=2.0, stall_s=0.5)) as srv:
+        srv.wait_ready()
+        c = th.InferenceServerClient(srv.http_url)
+        assert c.is_server_ready()
+        daemons[1].stop()  # the ends keep heartbeating the server; only the missing results show it
+        time.sleep(1.5)
+        answer: list = []
+        t = threading.Thread(target=lambda: answer.append(_call(srv.http_url, _images(1))))
+        t.start()
+        deadline = time.monotonic() + 1.5
+        while c.is_server_ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not c.is_server_ready() and not c.is_model_ready(MODEL)
+        t.join(10)
+    exc, _ = answer[0]
+    assert isinstance(exc, InferenceServerException) and exc.status() == "504"
