@@ -224,6 +224,62 @@ def conversion_costs() -> list[tuple[str, float]]:
     return rows
 
 
+def fold_check(checkpoint: str, images: str, n: int = 32) -> dict:
+    """Normalization folded into stage 0, measured: DeiT-Tiny's stage 0 exported twice (as export does,
+    and wrapped to take pixel values 0..255 and compute (x / 255 - mean) / std in the graph), run on
+    ``n`` real images: plain on calibration's preprocessing, folded on the uint8 crop the server sends."""
+    import torch
+
+    from quantpipe.calib.data import Preprocess, open_dataset
+    from quantpipe.engines import load_engine
+    from quantpipe.export.model import create_model, data_config_of
+    from quantpipe.export.onnx_export import export_stage
+    from quantpipe.export.split import build_stages
+
+    model = create_model("deit_tiny_patch16_224", checkpoint=checkpoint)
+    stage0, stage1 = build_stages(model, [6])
+    dc = data_config_of(model)
+
+    class Pixels(torch.nn.Module):
+        def __init__(self, stage: torch.nn.Module) -> None:
+            super().__init__()
+            self.stage = stage
+            self.register_buffer("mean", torch.tensor(dc["mean"], dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(dc["std"], dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.stage((x / 255.0 - self.mean) / self.std)
+
+    pre = Preprocess.from_config(dc)
+    crop = Preprocess.from_config({**dc, "mean": [0.0] * 3, "std": [1 / 255] * 3})  # pixel values 0..255
+    ds = open_dataset("imagenet", images, num_images=n)
+    from PIL import Image
+
+    normalized, pixels, labels = [], [], []
+    for sample in ds.samples:
+        with Image.open(sample.path) as im:
+            im.load()
+            normalized.append(pre(im))
+            pixels.append(np.rint(crop(im)))
+        labels.append(sample.label)
+    x, p = np.stack(normalized), np.stack(pixels).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        ex = torch.from_numpy(x[:2])
+        export_stage(stage0, ex, Path(tmp) / "plain.onnx", "input", "boundary0")
+        export_stage(Pixels(stage0), torch.from_numpy(p[:2]), Path(tmp) / "pixels.onnx", "input", "boundary0")
+        export_stage(stage1, stage0(ex), Path(tmp) / "stage1.onnx", "boundary0", "logits")
+        plain, folded = load_engine(Path(tmp) / "plain.onnx"), load_engine(Path(tmp) / "pixels.onnx")
+        last = load_engine(Path(tmp) / "stage1.onnx")
+        b_plain, b_folded = plain.run(x), folded.run(p)
+        y_plain, y_folded = last.run(b_plain), last.run(b_folded)
+    scale = float(np.abs(b_plain).max())
+    return {"images": len(x), "boundary_max_abs_diff": float(np.abs(b_plain - b_folded).max()),
+            "boundary_rel_diff": float(np.abs(b_plain - b_folded).max()) / scale,
+            "top1_agreement": float((y_plain.argmax(1) == y_folded.argmax(1)).mean()),
+            "top1_plain": float((y_plain.argmax(1) == np.array(labels)).mean()),
+            "top1_folded": float((y_folded.argmax(1) == np.array(labels)).mean())}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "tools/pipelines/serve-builtin.toml"))
@@ -241,6 +297,10 @@ def main() -> int:
     ap.add_argument("--deit-seconds", type=float, default=0, help="measured seconds per level for DeiT-Tiny "
                     "(default 3 x --seconds)")
     ap.add_argument("--run-images", type=int, default=0, help="images for quantpipe run (default: ~5 s worth)")
+    ap.add_argument("--fold-check", default="", metavar="CHECKPOINT",
+                    help="also measure DeiT-Tiny with the normalization folded into stage 0 (needs [export]; "
+                    "images from --fold-images)")
+    ap.add_argument("--fold-images", default=str(ROOT.parent / "shared/data/imagenet-dev"))
     ap.add_argument("--json", default="", help="also write the rows here")
     args = ap.parse_args()
     levels = [int(v) for v in args.concurrency.split(",")]
@@ -251,6 +311,12 @@ def main() -> int:
     print(f"load: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs; client {args.client}, "
           f"{args.images_per_request} image(s) per request, "
           f"{args.seconds:g} s per level after {args.warmup:g} s warm-up")
+    if args.fold_check:
+        r = fold_check(args.fold_check, args.fold_images)
+        print(f"  normalization folded into stage 0 (DeiT-Tiny, {r['images']} real images): boundary max |diff| "
+              f"{r['boundary_max_abs_diff']:.3g} ({r['boundary_rel_diff']:.2g} of max |x|), top-1 agreement "
+              f"{100 * r['top1_agreement']:.1f} %, top-1 {100 * r['top1_plain']:.1f} % plain vs "
+              f"{100 * r['top1_folded']:.1f} % folded")
     for what, ms in conversion_costs():
         print(f"  server CPU per image, {what}: {ms:.2f} ms")
     all_rows = []
