@@ -148,6 +148,9 @@ class StageManifest:
         engines: engines built for the stages, keyed by backend (see ``quantpipe export --engine``).
         versions: versions of the tools that produced the graphs.
         provenance: how it was made (weights source, opset, exporter, command line, verification).
+        pixels_stage0: optional second graph of stage 0 that takes pixel values 0..255 (normalization
+            folded in; ``quantpipe export --pixels-stage``): ``{"file", "sha256", "input", "verification"}``.
+            A pipeline uses it by naming it as stage 0's engine; ``quantpipe serve`` then sends uint8.
         directory: where the manifest was loaded from or written to (not serialised).
     """
 
@@ -161,6 +164,7 @@ class StageManifest:
     engines: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    pixels_stage0: dict[str, Any] | None = None
     directory: Path | None = None
 
     @property
@@ -182,7 +186,7 @@ class StageManifest:
         return f"quantpipe export --model {self.model} --split {','.join(map(str, self.split))} --out {out}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT,
             "version": VERSION,
             "model": self.model,
@@ -196,6 +200,9 @@ class StageManifest:
             "versions": self.versions,
             "provenance": self.provenance,
         }
+        if self.pixels_stage0 is not None:
+            d["pixels_stage0"] = self.pixels_stage0
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], directory: Path | None = None) -> StageManifest:
@@ -210,6 +217,7 @@ class StageManifest:
             engines=dict(d.get("engines", {})),
             versions=dict(d.get("versions", {})),
             provenance=dict(d.get("provenance", {})),
+            pixels_stage0=dict(d["pixels_stage0"]) if d.get("pixels_stage0") else None,
             directory=directory,
         )
 
@@ -232,10 +240,15 @@ class StageManifest:
         Raises:
             ArtifactMismatchError: a file is missing or its contents changed since export.
         """
+        checks = []
         for stage in self.stages:
             pairs = [(stage.file, stage.sha256)]
             if stage.data_file is not None:
                 pairs.append((stage.data_file, stage.data_sha256 or ""))
+            checks.append((stage, pairs))
+        if self.pixels_stage0 is not None:
+            checks.append((self.stages[0], [(str(self.pixels_stage0["file"]), str(self.pixels_stage0["sha256"]))]))
+        for stage, pairs in checks:
             for name, expected in pairs:
                 path = (self.directory or Path(".")) / name
                 if not path.is_file():

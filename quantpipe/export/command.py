@@ -35,7 +35,7 @@ from quantpipe.errors import ConfigError, MissingDependencyError, QuantpipeError
 from quantpipe.export.data import image_inputs, random_inputs
 from quantpipe.export.model import create_model, data_config_of, weights_source
 from quantpipe.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_stage
-from quantpipe.export.split import HalfStage, build_stages, parse_split, stage_io_names
+from quantpipe.export.split import HalfStage, PixelStage, build_stages, parse_split, stage_io_names
 from quantpipe.export.verify import (
     DEFAULT_MIN_COSINE,
     DEFAULT_RTOL,
@@ -84,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, default=DEFAULT_MIN_COSINE, help=f"min cosine similarity (default {DEFAULT_MIN_COSINE})")
     group.add_argument("--no-verify", action="store_true", help="skip verification (not recommended)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads while verifying")
+    parser.add_argument("--pixels-stage", action="store_true",
+                        help="also write stage0.pixels.onnx: stage 0 with the normalization folded in, taking pixel "
+                        "values 0..255 (name it as stage 0's engine; quantpipe serve then sends uint8 pixels)")
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -98,6 +101,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--engine", args.engine, "--batch", args.batch] + (["--fp16"] if args.fp16 else [])
     if args.verify_data is not None:
         parts += ["--verify-data", str(Path(args.verify_data).resolve())]
+    if getattr(args, "pixels_stage", False):
+        parts.append("--pixels-stage")
     return shlex.join(parts)
 
 
@@ -247,6 +252,12 @@ def run(args: argparse.Namespace) -> int:
             },
             directory=out,
         )
+        if args.pixels_stage:
+            t0 = time.perf_counter()
+            bar.set_postfix_str("stage 0 taking pixels")
+            manifest.pixels_stage0 = _export_pixel_stage(stages[0], graphs[0].path, out, args.opset, data_config,
+                                                         args.rtol, args.threads)
+            timings["pixels_stage"] = time.perf_counter() - t0
         if args.engine == "tensorrt":
             t0 = time.perf_counter()
             bar.set_postfix_str("TensorRT engines")
@@ -274,11 +285,41 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {len(stages)} stages and {path} in {timings['total']:.1f} s "
           f"(model {timings['load_model']:.1f} s, ONNX export {timings['export_onnx']:.1f} s"
           + (f", verify {timings['verify']:.1f} s" if "verify" in timings else "") + ")")
+    if manifest.pixels_stage0 is not None:
+        v = manifest.pixels_stage0["verification"]
+        print(f"  {PIXELS_FILE}: stage 0 taking pixels 0..255, vs stage0.onnx on the same pixels: max abs "
+              f"{v['max_abs']:.3e}  rel {v['rel']:.3e}")
     for s in manifest.stages:
         size = (out / s.file).stat().st_size / 2**20
         print(f"  {s.file}: blocks {s.blocks[0]}-{s.blocks[1] - 1}  {s.input.name} {list(s.input.shape)} -> "
               f"{s.output.name} {list(s.output.shape)}  {size:.1f} MiB  sha256 {s.sha256[:12]}")
     return 0
+
+
+PIXELS_FILE = "stage0.pixels.onnx"
+
+
+def _export_pixel_stage(stage0: Any, plain: Path, out: Path, opset: int, data_config: dict[str, Any],
+                        rtol: float, threads: int | None) -> dict[str, Any]:
+    """Export stage 0 with the normalization folded in and check it against the plain stage 0 on
+    random integer pixels normalized like calibration does (float32, the same operations)."""
+    c, h, w = data_config["input_size"]
+    pixels = numpy.random.default_rng(0).integers(0, 256, (4, c, h, w)).astype(numpy.float32)
+    folded = PixelStage(stage0, data_config["mean"], data_config["std"]).eval()
+    graph = export_stage(folded, torch.from_numpy(pixels[:2]), out / PIXELS_FILE, "input", "boundary0", opset=opset)
+    mean = numpy.asarray(data_config["mean"], numpy.float32)[:, None, None]
+    std = numpy.asarray(data_config["std"], numpy.float32)[:, None, None]
+    normalized = ((pixels / numpy.float32(255)) - mean) / std
+    a = load_engine(plain, threads=threads).run(normalized)
+    b = load_engine(out / PIXELS_FILE, threads=threads).run(pixels)
+    max_abs = float(numpy.abs(a - b).max())
+    rel = max_abs / max(float(numpy.abs(a).max()), 1e-30)
+    if rel > rtol:
+        raise QuantpipeError(f"{PIXELS_FILE} differs from stage0.onnx by {rel:.3g} (relative) on the same pixels; "
+                             "export without --pixels-stage and report this")
+    return {"file": PIXELS_FILE, "sha256": sha256_file(out / PIXELS_FILE),
+            "input": {"name": graph.input_name, "shape": list(graph.input_shape), "pixels": True},
+            "verification": {"samples": len(pixels), "max_abs": max_abs, "rel": rel}}
 
 
 def _export_half_graphs(stages: list[Any], graphs: list[Any], out: Path, opset: int,

@@ -21,7 +21,8 @@ from torch import nn
 
 from quantpipe.errors import ConfigError
 
-__all__ = ["parse_split", "FirstStage", "MiddleStage", "LastStage", "HalfStage", "build_stages", "stage_io_names"]
+__all__ = ["parse_split", "FirstStage", "MiddleStage", "LastStage", "HalfStage", "PixelStage", "build_stages",
+           "stage_io_names"]
 
 
 def parse_split(split: str | Sequence[int], num_blocks: int) -> list[int]:
@@ -129,6 +130,25 @@ class HalfStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage(x.half()).float()
+
+
+class PixelStage(nn.Module):
+    """Stage 0 taking pixel values 0..255 (float32 ``[B, 3, H, W]``): ``(x / 255 - mean) / std`` first.
+
+    The same float32 operations in the same order as calibration's preprocessing
+    (:class:`quantpipe.calib.data.Preprocess`), so on the same crop the boundary is bit-identical, and
+    the link to stage 0 can carry the uint8 pixels (an 8-bit frame whose codes are the pixel values)
+    instead of float32: a quarter of the bytes.
+    """
+
+    def __init__(self, stage: nn.Module, mean, std) -> None:
+        super().__init__()
+        self.stage = stage
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage((x / 255.0 - self.mean) / self.std)
 
 
 def build_stages(model: nn.Module, cuts: Sequence[int]) -> list[nn.Module]:

@@ -9,8 +9,9 @@ A request carries exactly one input tensor, in one of three forms (the three inp
 * ``image``  BYTES ``[N]``: encoded image files (JPEG, PNG, ...), decoded with PIL, then the same.
 
 The first hop carries either float32 (normalized values, 4 bytes per value) or, when stage 0 takes
-pixels (``--first-hop uint8``: an export that folded the normalization into stage 0, or a builtin
-pipeline), the uint8 pixels themselves as an exact 8-bit frame (:mod:`quantpipe.serve.bridge`).
+pixels (stage 0's engine is the export's ``stage0.pixels.onnx``, written by ``quantpipe export
+--pixels-stage`` with the normalization folded in: chosen automatically; or ``--first-hop uint8`` on a
+builtin pipeline), the uint8 pixels themselves as an exact 8-bit frame (:mod:`quantpipe.serve.bridge`).
 
 The output ``logits`` is the last stage's FP32 output ``[N, ...]``; with Triton's classification
 extension it becomes BYTES ``[N, k]`` of ``"value:index:label"`` (labels: the ImageNet wnids shipped
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +74,9 @@ class ServedModel:
             in_shape = tuple(int(d) for d in m.stages[0].input.shape[1:])
             out_shape = tuple(int(d) for d in m.stages[-1].output.shape[1:])
             data_config, model_name, num_classes = m.data_config, m.model, m.num_classes
-            pixels = bool(m.data_config.get("pixels_input", False))
+            # Stage 0 takes pixels when its engine is the export's folded graph (export --pixels-stage).
+            folded = m.pixels_stage0 and (Path(cfg.stages_dir) / str(m.pixels_stage0["file"])).resolve()
+            pixels = bool(folded) and Path(cfg.stages[0].engine).resolve() == folded
         elif builtin:
             from quantpipe.runtime.stage import load_stage_engine
 
@@ -82,8 +86,11 @@ class ServedModel:
         else:
             raise ConfigError("serving a pipeline of exported stages needs pipeline.stages_dir (the export directory)")
         if first_hop == "uint8" and not builtin and not pixels:
-            raise ConfigError("--first-hop uint8: stage 0 of this export takes normalized float32 input; "
-                              "re-export with the normalization folded into stage 0, or use --first-hop float32")
+            raise ConfigError("--first-hop uint8: stage 0's engine takes normalized float32 input; export with "
+                              "--pixels-stage and set stage 0's engine = \"stage0.pixels.onnx\", or use --first-hop float32")
+        if first_hop == "float32" and pixels:
+            raise ConfigError("--first-hop float32: stage 0's engine is the export's pixel-taking graph "
+                              f"({cfg.stages[0].engine}); use --first-hop uint8 (or auto)")
         hop = "uint8" if first_hop == "uint8" or (first_hop == "auto" and pixels) else "float32"
         preprocess = None
         if len(in_shape) == 3 and in_shape[0] == 3:
