@@ -23,6 +23,11 @@ stage 0 handed on, and stage 0 drops by ``seq`` the few it already accepted; the
 sink's output file is the system of record of what was answered, so a restarted sink must resume from
 it (append, skip ids already written), never truncate it.
 
+Custody scenario (issue 12.1): during a real run a raw DEALER sends the middle stage invalid messages
+(truncated, padded, CRC mismatch, unknown clip table) carrying the seqs it holds; every one must be
+counted under its kind and nothing lost. End-of-stream scenario (issue 12.2): ``--eos-runs`` short
+fault-free streams; after each, every process must exit 0, the stages at once after SIGTERM.
+
 Fuzz scenario: one live stage daemon gets ``--fuzz`` bad messages (see :func:`bad_messages`) from a raw
 DEALER, interleaved with a well-behaved source's stream, plus connections that announce a frame above
 ``zmq.MAXMSGSIZE`` (cut by libzmq before Python sees a byte). Figures: frames sent, rejects counted by
@@ -587,12 +592,15 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[*_SCENARIOS, "fuzz"], help="scenarios to run (default all)")
+    parser.add_argument("--only", nargs="+", choices=[*_SCENARIOS, "fuzz", "custody", "eos"],
+                        help="scenarios to run (default all)")
+    parser.add_argument("--custody", type=int, default=20_000, help="forged duplicates in the custody scenario")
+    parser.add_argument("--eos-runs", type=int, default=20, help="short streams in the end-of-stream scenario")
     parser.add_argument("--fuzz", type=int, default=100_000, help="bad messages in the fuzz scenario")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     parser.add_argument("--keep", help="keep the run directories here (logs, results) instead of a temp dir")
     args = parser.parse_args(argv)
-    names = args.only or [*_SCENARIOS, "fuzz"]
+    names = args.only or [*_SCENARIOS, "fuzz", "custody", "eos"]
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(args.keep or tmp)
@@ -600,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             if name == "fuzz":
                 report[name] = fuzz_live(base / name, args.fuzz)
+            elif name == "custody":
+                report[name] = custody_attack(base / name, args.custody)
+            elif name == "eos":
+                report[name] = end_of_stream(base / name, args.eos_runs)
             else:
                 targets, kw, sig = _SCENARIOS[name]
                 report[name] = chaos_stream(base / name, targets, Setup(**kw), sig=sig, resume_timeout_s=10.0,
@@ -613,6 +625,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print(name: str, r: dict[str, Any]) -> None:
+    if name == "custody":
+        print(f"custody: {r['bad_sent']} forged duplicates of held seqs ({r['sent_by_kind']}); counted "
+              f"{r['counted_by_kind']}; {r['submitted']} images: answered {r['answered']}, lost {r['lost']}, "
+              f"duplicated {r['duplicated']}, wrong {r['wrong']}, sink exit {r['sink_exit']}")
+        return
+    if name == "eos":
+        print(f"end of stream: {r['runs']} runs, {r['failed']} with a non-zero exit; stage stop after SIGTERM: "
+              f"median {r['stage_stop_s_median']} s, max {r['stage_stop_s_max']} s")
+        return
     if name == "fuzz":
         print(f"fuzz: {r['bad_sent']} bad messages + {r['oversized_connections']} oversized connections; "
               f"counted {r['counted']} ({r['counted_by_kind']}), cut by the socket {r['oversized_cut']}; "

@@ -26,11 +26,12 @@ new rate, when
 * the link collapsed: the last frame, if the link carried it for at least ``min_frame_s`` (long
   enough that scheduling noise cannot halve its rate), or the last two frames together, were
   delivered at less than ``collapse_factor`` of the last window's estimate; or
-* the link got faster: the last two frames together were delivered at more than
-  ``1 / collapse_factor`` times the estimate.
-
 The policy then sees the new rate about one frame time after the step, and the byte bound of the
-credit window (:meth:`quantpipe.runtime.link.LinkSender.has_credit`) follows it.
+credit window (:meth:`quantpipe.runtime.link.LinkSender.has_credit`) follows it. When the link got
+faster (each of the last two frames delivered at more than ``1 / collapse_factor`` times the estimate)
+nothing is urgent, the output keeps up already, and two small frames under-measure a fast TCP link, so
+the window is not closed but *restarted* from those frames: it closes after N acks measured on the new
+link alone, and the policy widens in one step instead of through a blended intermediate rung.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class BandwidthEstimator:
         # The last two frames: (bytes, seconds the link carried them, images, fp32 bytes, bits).
         self._recent: collections.deque[tuple[int, float, int, int, int]] = collections.deque(maxlen=2)
         self.early_closes = 0
+        self._restarted = False  # the window was restarted after a faster link (once per window)
         self._reset(None)
 
     def _reset(self, now: float | None) -> None:
@@ -179,6 +181,7 @@ class BandwidthEstimator:
             bits=max(self._bytes_by_bits, key=self._bytes_by_bits.__getitem__),
         )
         self._last_estimate = stats.bandwidth
+        self._restarted = False
         self._reset(now)
         return stats
 
@@ -197,8 +200,19 @@ class BandwidthEstimator:
         pair = len(both) == 2
         if long_last or (pair and rate(both) < f * est):
             frames = last if rate(last) <= rate(both) else both  # the frames that saw the new rate best
-        elif pair and f * rate(both) > est:
-            frames = both
+        elif pair and not self._restarted and all(f * rate([r]) > est for r in both):
+            # Faster (each frame, so that one that straddled the step does not count): measure anew.
+            self._restarted = True
+            start = self._last_ack - sum(r[1] for r in both)
+            self._reset(start)
+            for r in both:
+                self._mb, self._images, self._bytes, self._fp32 = (self._mb + 1, self._images + r[2],
+                                                                   self._bytes + r[0], self._fp32 + r[3])
+                self._bytes_by_bits[r[4]] = self._bytes_by_bits.get(r[4], 0) + r[0]
+            self._busy = sum(r[1] for r in both)
+            if self._busy_since is not None:
+                self._busy_since = self._last_ack
+            return None
         else:
             return None
         carried = sum(r[1] for r in frames)
@@ -208,5 +222,6 @@ class BandwidthEstimator:
         self.early_closes += 1
         self._last_estimate = stats.bandwidth
         self._recent.clear()  # the next verdict needs two frames measured against the new estimate
+        self._restarted = False
         self._reset(self._last_ack)
         return stats

@@ -125,8 +125,9 @@ def output_settle(times: list[float], start: float, end: float, floor: float, *,
     that from ``start + s`` on, every result time ``t`` up to ``end`` has at least
     ``(1 - tolerance) * floor * (t - (start + s)) - slack_images`` results since ``start + s``, and so does
     ``end`` itself: the output rate is back within ``tolerance`` of ``floor`` and stays there (a rate above
-    it, while a backlog drains, counts as kept up). ``slack_images`` (one microbatch) absorbs that results
-    arrive a microbatch at a time. None: it never settled in the phase.
+    it, while a backlog drains, counts as kept up), and a result comes within a microbatch's time of
+    ``start + s``. ``slack_images`` (one microbatch) absorbs that results arrive a microbatch at a time.
+    None: it never settled in the phase.
     """
     ts = sorted(t for t in times if start <= t < end)
     need = (1.0 - tolerance) * floor
@@ -134,7 +135,8 @@ def output_settle(times: list[float], start: float, end: float, floor: float, *,
     while start + s < end:
         lo = start + s
         after = [t for t in ts if t >= lo]
-        ok = all(n + 1 >= need * (t - lo) - slack_images for n, t in enumerate(after))
+        ok = bool(after) and after[0] - lo <= max(slack_images, 1) / need  # output is flowing again
+        ok = ok and all(n + 1 >= need * (t - lo) - slack_images for n, t in enumerate(after))
         if ok and len(after) >= need * (end - lo) - slack_images:
             return round(s, 3)
         s += step_s

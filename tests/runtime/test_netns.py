@@ -112,14 +112,51 @@ def test_adapts_to_the_papers_bandwidth_steps(netns_prefix, tmp_path):
         decisions = [w["next_bits"] for w in windows if start <= w["t"] - t0 < end]
         adapt = summary["adaptation"][phase]
         assert decisions and decisions[-1] == expected, (phase, decisions)
-        assert adapt["settled_after_windows"] <= 2, (phase, decisions)
+        assert adapt["decisions_settled_after_windows"] <= 2, (phase, decisions)
         # no oscillation: decisions move monotonically toward the final bitwidth, never back
         moves = [b - a for a, b in zip(decisions, decisions[1:]) if b != a]
         assert all(m > 0 for m in moves) or all(m < 0 for m in moves), (phase, decisions)
         # steady state (second half of the phase): the output rate holds the target within 10 %
         lo, hi = t0 + (start + end) / 2, t0 + end - 0.5
         rate = sum(1 for r in results if lo <= r["t"] < hi) / (hi - lo)
-        print(f"phase {phase} ({link[phase]:g} Mbit/s): decisions {decisions}, settled after "
-              f"{adapt['settled_after_windows']} window(s) = {adapt['settle_s']:.2f} s, steady {rate:.2f} img/s "
-              f"(target {target:.2f})")
+        print(f"phase {phase} ({link[phase]:g} Mbit/s): decisions {decisions}, last change after "
+              f"{adapt['decisions_settled_after_windows']} window(s); output back after {adapt['settle_s']} s; "
+              f"steady {rate:.2f} img/s (target {target:.2f})")
         assert math.isclose(rate, target, rel_tol=0.10), (phase, rate, target)
+
+
+def test_output_rate_is_back_within_two_windows_after_8x_and_20x_drops(netns_prefix, tmp_path):
+    """Issue 12.5 (its setup, phases shortened): [197, 192] boundaries, microbatch 8, R = 30 img/s, window
+    10 (2.67 s nominal), 48.4 -> 6.05 -> 48.4 -> 2.42 Mbit/s. Judged by the sink's output rate: back to
+    90 % of R (2 bits carry 32 img/s on 2.42 Mbit/s) within 2 windows of every step, and no oscillation.
+    Before the fix the 8x drop took 3 windows (12.8 s) in 7 runs of 7. The 20x drop meets it only once
+    the stage re-reads its bitwidth after waiting for credit (one line in stage.py, see BENCHMARKS.md):
+    without it, one more 32-bit frame (4 s on 2.42 Mbit/s) follows the decision."""
+    from bench.adaptation import config as adaptation_config
+
+    schedule = "0:48.4,8:6.05,16:48.4,24:2.42"
+    ports = (_free_port(), _free_port(), _free_port())
+    cfg = adaptation_config(tmp_path / "pipeline.toml", schedule, ports)
+    summary = _run(netns_prefix, str(cfg), tmp_path / "out", "--count", str(30 * 32), timeout=240)
+    assert summary["errors"] == 0 and summary["in_order"]
+    print()
+    for a in summary["adaptation"]:
+        print(f"step {a['step_s']:g} s: back after {a['settle_s']} s = {a['settled_after_windows']} window(s), "
+              f"{a['changes_after_settling']} change(s) after; bits {a['decisions']}")
+    previous = None
+    for a in summary["adaptation"]:
+        assert a["settle_s"] is not None and a["settled_after_windows"] <= 2.0, a
+        # No oscillation: the decisions of a phase move one way only (32 -> 4 -> 2 is fine, 4 -> 8 -> 4 not).
+        # (Strictly "one change after settling" is not always met: see BENCHMARKS.md.)
+        seq = [previous, *a["decisions"]] if previous is not None else a["decisions"]
+        moves = [y - x for x, y in zip(seq, seq[1:]) if y != x]
+        assert all(m > 0 for m in moves) or all(m < 0 for m in moves), a
+        previous = a["decisions"][-1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
