@@ -163,6 +163,11 @@ def _metric(url: str, name: str) -> float:
 
 def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, warm_s: float,
                  seconds: float, kind: str) -> list[dict]:
+    if first_hop == "uint8" and 'engine = "stage0.onnx"' in config.read_text():
+        # an export: stage 0 runs its pixel-taking graph (export --pixels-stage), which takes the uint8 hop
+        pixel_config = config.with_name(config.stem + "-pixels.toml")
+        pixel_config.write_text(config.read_text().replace('engine = "stage0.onnx"', 'engine = "stage0.pixels.onnx"'))
+        config = pixel_config
     n = len(re.findall(r"^\[\[stages\]\]", config.read_text(), re.M))
     stages = [_cli("stage", "--config", str(config), "--stage", str(k), stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL) for k in range(n)]
@@ -290,7 +295,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0, help="measured seconds per concurrency")
     ap.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each")
     ap.add_argument("--images-per-request", type=int, default=1)
-    ap.add_argument("--first-hop", default="float32", help="comma list of float32, uint8 (builtin pipeline only)")
+    ap.add_argument("--first-hop", default="float32", help="comma list of float32, uint8 (DeiT-Tiny: uint8 runs "
+                    "stage0.pixels.onnx, so the export needs --pixels-stage)")
     ap.add_argument("--client", default="raw", choices=("raw", "tritonclient"),
                     help="raw: prebuilt binary KServe v2 requests over http.client (the clients cost little, so "
                     "the figures show the front's cost); tritonclient: the official client")
@@ -307,7 +313,14 @@ def main() -> int:
     wanted = args.pipelines.split(",")
     pipelines = [("builtin", Path(args.config), None, args.first_hop.split(","))] if "builtin" in wanted else []
     if args.deit_stages and "deit-tiny" in wanted:
-        pipelines.append(("deit-tiny", Path(args.deit_config), args.deit_stages, ["float32"]))
+        hops = ["float32"]
+        if "uint8" in args.first_hop.split(","):
+            from quantpipe.manifest import load_manifest
+
+            if load_manifest(args.deit_stages, verify=False).pixels_stage0 is None:
+                raise SystemExit("--first-hop uint8 on DeiT-Tiny needs an export made with --pixels-stage")
+            hops.append("uint8")
+        pipelines.append(("deit-tiny", Path(args.deit_config), args.deit_stages, hops))
     print(f"load: {os.getloadavg()[0]:.2f} (1 min) on {os.cpu_count()} CPUs; client {args.client}, "
           f"{args.images_per_request} image(s) per request, "
           f"{args.seconds:g} s per level after {args.warmup:g} s warm-up")
