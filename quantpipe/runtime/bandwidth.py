@@ -23,9 +23,10 @@ the policy would react late and on a blended figure (issue 12.5). So every ack a
 or its send when the link was idle). The window closes at once, holding only the frames that saw the
 new rate, when
 
-* the link collapsed: the last frame, if the link carried it for at least ``min_frame_s`` (long
-  enough that scheduling noise cannot halve its rate), or the last two frames together, were
-  delivered at less than ``collapse_factor`` of the last window's estimate; or
+* the link collapsed: the last frame, or the last two frames together, were delivered at less than
+  ``collapse_factor`` of the last window's estimate, and the link carried them for at least
+  ``min_frame_s`` (long enough that scheduling noise cannot halve their rate: on a fast link, frames of
+  a few milliseconds each are left to the normal window).
 The policy then sees the new rate about one frame time after the step, and the byte bound of the
 credit window (:meth:`quantpipe.runtime.link.LinkSender.has_credit`) follows it. When the link got
 faster (each of the last two frames delivered at more than ``1 / collapse_factor`` times the estimate)
@@ -90,7 +91,7 @@ class BandwidthEstimator:
             nominal window; the cap bounds how stale the policy's view gets (None: the paper's rule only).
         collapse_factor: close the window early when the frames' delivery rate is below this fraction
             of the last window's estimate, or above its inverse (0: never; see the module docstring).
-        min_frame_s: a single frame is evidence of a collapse only if the link carried it this long.
+        min_frame_s: frames are evidence of a collapse only if the link carried them this long.
     """
 
     def __init__(self, window: int, max_window_s: float | None = None, collapse_factor: float = 0.5,
@@ -198,7 +199,8 @@ class BandwidthEstimator:
         last, both = [self._recent[-1]], list(self._recent)
         long_last = last[0][1] >= self.min_frame_s and rate(last) < f * est
         pair = len(both) == 2
-        if long_last or (pair and rate(both) < f * est):
+        long_pair = pair and sum(r[1] for r in both) >= self.min_frame_s  # ms-long frames: noise, not evidence
+        if long_last or (long_pair and rate(both) < f * est):
             frames = last if rate(last) <= rate(both) else both  # the frames that saw the new rate best
         elif pair and not self._restarted and all(f * rate([r]) > est for r in both):
             # Faster (each frame, so that one that straddled the step does not count): measure anew.
