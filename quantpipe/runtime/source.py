@@ -80,7 +80,14 @@ def load_inputs(cfg: PipelineConfig, images: str = "") -> Inputs:
     if cfg.stages_dir:
         from quantpipe.manifest import load_manifest
 
-        data_config = load_manifest(cfg.stages_dir, verify=False).data_config
+        manifest = load_manifest(cfg.stages_dir, verify=False)
+        data_config = manifest.data_config
+        pixels = manifest.pixels_stage0
+        if pixels and Path(cfg.stages[0].engine).resolve() == (Path(cfg.stages_dir) / str(pixels["file"])).resolve():
+            raise QuantpipeError(
+                f"stage 0's engine {cfg.stages[0].engine} takes uint8 pixel values (export --pixels-stage), but the "
+                "source streams normalized float32 images: set stage 0's engine to the export's stage0.onnx for "
+                "'quantpipe run', or serve the pixel graph with 'quantpipe serve'")
     n = min(cfg.source.count, _MAX_PRELOADED)
     if images:
         try:
