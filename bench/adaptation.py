@@ -49,7 +49,8 @@ def run_once(workdir: Path, schedule: str, tail_s: float, prefix: str) -> dict:
     env = {**os.environ, "QP_NS_PREFIX": prefix, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
     t = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "quantpipe.cli", "run", "--config", str(cfg), "--out", str(out),
-                           "--count", str(count)], env=env, capture_output=True, text=True, timeout=steps[-1] + tail_s + 240)
+                           "--count", str(count)], env=env, capture_output=True, text=True,
+                          timeout=steps[-1] + tail_s + 240)
     if done.returncode != 0:
         raise RuntimeError(f"quantpipe run failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.json:
             print(f"run {i}: {r['images']} images, {r['errors']} errors, {r['wall_s']} s")
             for a in r["adaptation"]:
-                print(f"  step t={a['step_s']:g}s: floor {a.get('floor_rate')} img/s, back after {a.get('settle_s')} s "
-                      f"= {a.get('settled_after_windows')} window(s); changes after: {a.get('changes_after_settling')}; "
-                      f"bits {a['decisions']}")
+                print(f"  step t={a['step_s']:g}s: floor {a.get('floor_rate')} img/s, back after "
+                      f"{a.get('settle_s')} s = {a.get('settled_after_windows')} window(s); changes after: "
+                      f"{a.get('changes_after_settling')}; bits {a['decisions']}")
     if args.json:
         print(json.dumps(report, indent=2))
     return 0

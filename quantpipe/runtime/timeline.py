@@ -143,7 +143,8 @@ def output_settle(times: list[float], start: float, end: float, floor: float, *,
     return None
 
 
-def adaptation(events: list[dict[str, Any]], steps: list[float], t0: float, *, results: list[dict[str, Any]] | None = None,
+def adaptation(events: list[dict[str, Any]], steps: list[float], t0: float, *,
+               results: list[dict[str, Any]] | None = None,
                target_rate: float | None = None, floors: list[float] | None = None, window_s: float | None = None,
                microbatch: int = 0, t_end: float | None = None) -> list[dict[str, Any]]:
     """For each step time (seconds after ``t0``): when the output rate was back (see :func:`output_settle`;
