@@ -21,7 +21,8 @@ Bandwidth schedules (``--bandwidth-schedule 0:500,20:50,40:250``, Mbit/s on the 
 Stopping: Ctrl-C, SIGTERM and SIGHUP all stop the run the same way (every child gets SIGTERM and
 drains, what is left after the grace time gets SIGKILL, the namespaces are removed), and the exit
 code says so. On Linux every child also asks the kernel for SIGKILL when the launcher dies
-(``PR_SET_PDEATHSIG``), so even ``kill -9`` of the launcher leaves no stage holding its port. A run
+(``PR_SET_PDEATHSIG``), so even ``kill -9`` of the launcher leaves no stage holding its port; with
+``netns`` shaping a small guard process, told the same way, removes the namespaces then. A run
 whose sink got every result still fails (exit 1) if any process exited non-zero, naming it.
 """
 
@@ -59,8 +60,8 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def _die_with_parent() -> Any:
-    """A ``preexec_fn`` that makes the child get SIGKILL when the launcher dies (Linux), or None.
+def _die_with_parent(sig: int = signal.SIGKILL) -> Any:
+    """A ``preexec_fn`` that makes the child get ``sig`` when the launcher dies (Linux), or None.
 
     libc is loaded here, in the parent: the child, between fork and exec, only makes the call."""
     if not sys.platform.startswith("linux"):
@@ -74,11 +75,26 @@ def _die_with_parent() -> Any:
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
         if os.getppid() != parent:  # the launcher died before the call: nobody would signal us
             os._exit(1)
 
     return preexec
+
+
+# Removes the run's namespaces when the launcher dies without its cleanup (kill -9): it gets SIGTERM
+# from the kernel then (PR_SET_PDEATHSIG), runs `netlinks.sh down N` and exits.
+_NETNS_GUARD = """
+import os, signal, subprocess, sys
+netlinks, prefix, n = sys.argv[1:4]
+def down(*_):
+    subprocess.run(["bash", netlinks, "down", n], env={**os.environ, "QP_NS_PREFIX": prefix}, capture_output=True)
+    os._exit(0)
+signal.signal(signal.SIGTERM, down)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+while True:
+    signal.pause()
+"""
 
 NETLINKS = Path(__file__).resolve().parents[2] / "tools" / "netlinks.sh"
 
@@ -114,6 +130,7 @@ class Pipeline:
         self._applied_step = -1
         self.exit_codes: dict[str, int] = {}
         self._preexec = _die_with_parent()
+        self._guard: subprocess.Popen | None = None
 
     # -- network namespaces ------------------------------------------------------------------------
     def _namespaced(self, cfg: PipelineConfig) -> PipelineConfig:
@@ -165,6 +182,11 @@ class Pipeline:
         config.write_text(json.dumps(self.cfg.to_document(), indent=2))
         py = [sys.executable, "-m"]
         if self.netns:
+            guard = _die_with_parent(signal.SIGTERM)
+            if guard is not None:  # first the guard, then the namespaces it guards
+                self._guard = subprocess.Popen([sys.executable, "-c", _NETNS_GUARD, str(NETLINKS), self.ns_prefix,
+                                                str(len(self.cfg.stages))], preexec_fn=guard,
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
             self._netlinks("up", str(len(self.cfg.stages)), f"{self.cfg.schedule.rate_at(0):g}", str(self.cfg.burst_bytes))
             self._applied_step = 0
         self._spawn("sink", [*py, "quantpipe.runtime.sink", "--config", str(config), "--output",
@@ -256,6 +278,9 @@ class Pipeline:
                 self._netlinks("down", str(len(self.cfg.stages)))
             except QuantpipeError as exc:
                 log.error("%s", exc)
+        if self._guard is not None and self._guard.poll() is None:
+            self._guard.kill()  # the namespaces are gone already
+            self._guard.wait()
         return self.exit_codes
 
     def _floors(self, events: list[dict[str, Any]]) -> list[float] | None:

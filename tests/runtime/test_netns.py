@@ -13,8 +13,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -160,3 +162,39 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_or_killed_launcher_removes_its_namespaces_and_children(netns_prefix, tmp_path, sig):
+    """Issue 12.3 with netns shaping: SIGTERM (cleanup in the launcher) and kill -9 (children die by
+    PR_SET_PDEATHSIG, a guard process removes the namespaces)."""
+    from tests.runtime.test_hardening import _alive, _children
+
+    config = _config(tmp_path, policy="fixed", fixed_bits=8, target_rate=50.0, bandwidth_schedule="0:20")
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, "-m", "quantpipe.cli", "run", "--config", config, "--out", str(out),
+                                 "--count", "5000"], env={**os.environ, "QP_NS_PREFIX": netns_prefix},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / "results.jsonl").is_file() or not (out / "results.jsonl").read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run did not start streaming"
+            time.sleep(0.1)
+        children = _children(launcher.pid)
+        assert netns_prefix in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        launcher.send_signal(sig)
+        launcher.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (any(_alive(c) for c in children) or netns_prefix in subprocess.run(
+                ["ip", "netns", "list"], capture_output=True, text=True).stdout):
+            time.sleep(0.1)
+        assert not [c for c in children if _alive(c)], "children outlived the launcher"
+        assert netns_prefix not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    finally:
+        for c in children:
+            if _alive(c):
+                os.kill(c, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
