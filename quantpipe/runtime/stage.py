@@ -192,6 +192,7 @@ class StageDaemon:
         # not at one chosen before a wait on a slow link.
         if not self._wait_credit(header.seq):
             return
+        self._after_link_activity()  # a window that closed during the wait sets the bits of this frame
         t3, w3 = time.thread_time(), time.perf_counter()
         bits = self.bits
         try:
@@ -297,7 +298,8 @@ class StageDaemon:
             record = {"event": "window", "bits": stats.bits, "next_bits": self.bits,
                       "bandwidth_Bps": stats.bandwidth, "ratio": getattr(self.policy, "last_ratio", None),
                       "images": stats.images, "bytes": stats.bytes, "busy_s": stats.busy_s,
-                      "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate}
+                      "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate,
+                      "closed_early": getattr(stats, "closed_early", False)}
             if self.bits != previous:
                 log.info("stage %d: %d -> %d bits (link %.1f Mbit/s, %.1f img/s)", self.k, previous, self.bits,
                          stats.bandwidth / MBIT, stats.output_rate)

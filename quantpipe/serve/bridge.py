@@ -195,10 +195,19 @@ class Bridge:
             # Not ours (a stale resend from before our start) or inconsistent: never deliver it.
             exc = FrameError(f"result for microbatch {h.seq} (images {h.first_id}+{h.batch}) matches nothing sent",
                              "unmatched")
-            self.receiver.reject(msg, exc)
-            if entry is None:  # take it so the last stage stops resending it
+            if entry is None:
+                # Take it so the last stage stops resending it, but only a frame that would be accepted:
+                # garbage with a plausible seq must not be answered or move custody (issue 12.1).
+                try:
+                    self.receiver.validate(msg)
+                except FrameError as bad:
+                    self.receiver.reject(msg, bad)
+                    return
+                self.receiver.reject(msg, exc)
                 self.receiver.accept(msg)
                 self.receiver.done(h.seq)
+            else:
+                self.receiver.reject(msg, exc)
             return
         if h.msg_type == wire.MsgType.ERROR:
             try:
