@@ -189,10 +189,17 @@ class BoundaryCodec:
                     inline_range = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
                 lo, hi = (float(np.float32(v)) for v in inline_range)
                 codec.encode(x, bits, lo, hi, out=payload)
+        return self._message(payload, x.shape, bits, kind, seq=seq, first_id=first_id, stage=stage, boundary=b,
+                             method=m, digest=digest, lo=lo, hi=hi, payload_crc=payload_crc)
+
+    def _message(self, payload: np.ndarray, shape: tuple[int, ...], bits: int, kind: wire.RangeKind, *, seq: int,
+                 first_id: int, stage: int | None, boundary: int, method: int, digest: int, lo: float, hi: float,
+                 payload_crc: bool) -> list:
+        """``[header, payload(, crc)]`` around an encoded payload (shared with the GPU codec)."""
         header = wire.FrameHeader(
-            seq=seq, first_id=first_id, shape=x.shape, bits=bits, range_kind=kind,
-            stage=self.stage if stage is None else stage, boundary=b, method=m, table_digest=digest, lo=lo, hi=hi,
-            payload_len=payload.size, flags=wire.FLAG_PAYLOAD_CRC if payload_crc else 0,
+            seq=seq, first_id=first_id, shape=tuple(int(d) for d in shape), bits=bits, range_kind=kind,
+            stage=self.stage if stage is None else stage, boundary=boundary, method=method, table_digest=digest,
+            lo=lo, hi=hi, payload_len=payload.size, flags=wire.FLAG_PAYLOAD_CRC if payload_crc else 0,
         )
         frames = [wire.pack_header(header), payload]
         if payload_crc:

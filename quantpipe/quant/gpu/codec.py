@@ -211,15 +211,8 @@ class GpuBoundaryCodec(BoundaryCodec):
         nans = int(self._nan_host[0])
         if nans:
             raise NonFiniteInputError(nans)
-        header = wire.FrameHeader(
-            seq=seq, first_id=first_id, shape=tuple(int(d) for d in x.shape), bits=bits, range_kind=kind,
-            stage=self.stage if stage is None else stage, boundary=b, method=m, table_digest=digest, lo=lo, hi=hi,
-            payload_len=payload.size, flags=wire.FLAG_PAYLOAD_CRC if payload_crc else 0,
-        )
-        frames = [wire.pack_header(header), payload]
-        if payload_crc:
-            frames.append(wire.payload_crc(payload))
-        return frames
+        return self._message(payload, x.shape, bits, kind, seq=seq, first_id=first_id, stage=stage, boundary=b,
+                             method=m, digest=digest, lo=lo, hi=hi, payload_crc=payload_crc)
 
     def encode_device(self, x, bits: int, out=None, *, boundary: int | None = None,  # noqa: ANN001, ANN201
                       method: int | None = None):
