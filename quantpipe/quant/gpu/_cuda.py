@@ -51,6 +51,17 @@ def _sm_count() -> int:
     return int(_cupy().cuda.Device().attributes["MultiProcessorCount"])
 
 
+@functools.cache
+def _tiled_module(base_bytes: bytes, q: int, log_g: int, srow: int):
+    """The tiled rotated kernels for base order ``q`` and ``2**log_g`` groups; the base matrix is baked in."""
+    base = np.frombuffer(base_bytes, np.float32)
+    literal = ",".join(f"{v:.1f}f" for v in base)
+    prefix = (f"#define QP_TILED\n#define Q {q}\n#define LOG_G {log_g}\n#define SROW {srow}\n"
+              f"__constant__ float c_base[{q * q}] = {{{literal}}};\n")
+    names = [f"enc_tiled<{b}>" for b in QUANT_BITS] + [f"dec_tiled<{b}>" for b in QUANT_BITS]
+    return _cupy().RawModule(code=prefix + _SOURCE, options=_OPTIONS, name_expressions=names)
+
+
 def _grid(work_items: int, per_block: int, waves: int = 16) -> int:
     return max(1, min((work_items + per_block - 1) // per_block, _sm_count() * waves))
 
@@ -127,3 +138,72 @@ class FastRotation:
         fn((_grid(units, _ROT_WARPS, 32),), (32 * _ROT_WARPS,),
            (payload, np.int64(rows), np.int32(self.channels), np.int32(self.groups), self.signs, step, lo,
             np.int32(lo.size > 1), np.int64(payload.size), y))
+
+
+class TiledRotation:
+    """The same rotation and codes as :class:`FastRotation`, computed by the tiled kernels (``enc_tiled`` /
+    ``dec_tiled`` in kernels.cu): a block stages ``tile_rows`` rows in shared memory and runs the butterfly
+    in registers, one thread per (row, channel), instead of through warp shuffles.
+
+    ``tile_rows`` (even) and ``threads`` are chosen from the tensor's rows unless given (benchmarks sweep them).
+    """
+
+    #: dynamic shared memory a block may use without opting in to more (48 KiB on every CUDA GPU)
+    SMEM_LIMIT = 48 * 1024
+    TARGET_VALUES = 3072  # values per tile: enough work per block, several blocks per SM
+
+    @staticmethod
+    def supports(channels: int, groups: int, q: int) -> bool:
+        return (q % 4 == 0 and q <= 32 and groups >= 1 and groups & (groups - 1) == 0 and groups * q == channels
+                and groups <= 1024 and TiledRotation._smem(2, channels, q, groups, 16) <= TiledRotation.SMEM_LIMIT)
+
+    @staticmethod
+    def _srow(channels: int, q: int, groups: int) -> int:
+        log_g = groups.bit_length() - 1
+        last = min(log_g, 5)
+        w = q << (log_g - last)  # items per row of the last butterfly pass: rows start that many banks apart
+        return channels + (w - channels) % 32
+
+    @staticmethod
+    def _smem(tile_rows: int, channels: int, q: int, groups: int, bits: int) -> int:
+        return tile_rows * TiledRotation._srow(channels, q, groups) * 4 + tile_rows * channels * (2 if bits == 16 else 1)
+
+    def __init__(self, channels: int, groups: int, q: int, scaled_signs: np.ndarray, base: np.ndarray, *,
+                 tile_rows: int | None = None, threads: int | None = None) -> None:
+        self.channels, self.groups, self.q = int(channels), int(groups), int(q)
+        self.log_g = self.groups.bit_length() - 1
+        self.srow = self._srow(self.channels, self.q, self.groups)
+        self.signs = _cupy().asarray(np.ascontiguousarray(scaled_signs, dtype=np.float32))
+        self._base_bytes = np.ascontiguousarray(base, dtype=np.float32).tobytes()
+        self.module = _tiled_module(self._base_bytes, self.q, self.log_g, self.srow)
+        self.tile_rows, self.threads = tile_rows, threads
+
+    def warmup(self, bits: tuple[int, ...]) -> None:
+        for b in bits:
+            self.module.get_function(f"enc_tiled<{b}>")
+            self.module.get_function(f"dec_tiled<{b}>")
+
+    def launch(self, rows: int, bits: int) -> tuple[int, int, int, int]:
+        """(grid, threads, tile rows, shared bytes) for a tensor of ``rows`` rows at ``bits``."""
+        r_max = max(2, min(self.TARGET_VALUES // self.channels, 64) // 2 * 2)
+        while r_max > 2 and self._smem(r_max, self.channels, self.q, self.groups, bits) > self.SMEM_LIMIT:
+            r_max -= 2
+        # several tiles per SM when the tensor is small, so that loads of some overlap the work of others
+        r = self.tile_rows or max(2, min(r_max, rows // (6 * _sm_count()) // 2 * 2))
+        threads = self.threads or 128
+        tiles = (rows + r - 1) // r
+        return max(1, min(tiles, _sm_count() * 16)), threads, r, self._smem(r, self.channels, self.q, self.groups, bits)
+
+    def encode(self, x: object, bits: int, lo: object, inv: object, out: object, nan_count: object) -> None:
+        rows = int(x.size) // self.channels
+        grid, threads, r, smem = self.launch(rows, bits)
+        self.module.get_function(f"enc_tiled<{bits}>")(
+            (grid,), (threads,), (x, np.int64(rows), np.int32(r), self.signs, lo, inv, np.int32(lo.size > 1), out,
+                                  np.int64(out.size), nan_count), shared_mem=smem)
+
+    def decode(self, payload: object, bits: int, step: object, lo: object, y: object) -> None:
+        rows = int(y.size) // self.channels
+        grid, threads, r, smem = self.launch(rows, bits)
+        self.module.get_function(f"dec_tiled<{bits}>")(
+            (grid,), (threads,), (payload, np.int64(rows), np.int32(r), self.signs, step, lo, np.int32(lo.size > 1),
+                                  np.int64(payload.size), y), shared_mem=smem)

@@ -16,6 +16,8 @@ them (a payload still queued in libzmq or kept in custody holds its buffer).
 
 from __future__ import annotations
 
+import os
+
 import sys
 from typing import Any
 
@@ -120,12 +122,17 @@ class GpuBoundaryCodec(BoundaryCodec):
         groups = int(getattr(rotation, "groups", 1))
         q = int(getattr(rotation, "_q", 0) or 0)
         signs = getattr(rotation, "_scaled_signs", None)
-        if rotation.fast and signs is not None and q and _cuda.FastRotation.supports(rotation.channels, groups, q):
-            base = getattr(rotation, "_base", None)
-            base = np.ones((1, 1), np.float32) if base is None else base
-            fast = _cuda.FastRotation(rotation.channels, groups, q, signs, base)
-            fast.warmup(tuple(b for b in (self.table.bits if self.table is not None else ()) if b != 32))
-            return fast
+        # warp-shuffle kernels unless QUANTPIPE_GPU_ROTATION=tiled asks for the tiled ones (A/B benchmarks)
+        kinds = (_cuda.FastRotation, _cuda.TiledRotation)
+        if os.environ.get("QUANTPIPE_GPU_ROTATION", "warp") == "tiled":
+            kinds = kinds[::-1]
+        for kind in kinds:
+            if rotation.fast and signs is not None and q and kind.supports(rotation.channels, groups, q):
+                base = getattr(rotation, "_base", None)
+                base = np.ones((1, 1), np.float32) if base is None else base
+                fast = kind(rotation.channels, groups, q, signs, base)
+                fast.warmup(tuple(b for b in (self.table.bits if self.table is not None else ()) if b != 32))
+                return fast
         return _DenseRotation(self._cp, rotation.matrix)
 
     # ------------------------------------------------------------------------------ buffers
