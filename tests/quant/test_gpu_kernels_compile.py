@@ -71,7 +71,7 @@ def test_plain_kernels_compile(arch):
 
 
 @pytest.mark.parametrize("arch,q,log_g", [("compute_90", 12, 4), ("compute_90", 12, 6), ("compute_90", 16, 7),
-                                          ("compute_90", 12, 0), ("compute_87", 12, 4), ("compute_87", 20, 5)])
+                                          ("compute_90", 16, 0), ("compute_87", 12, 4), ("compute_87", 20, 5)])
 def test_tiled_rotation_kernels_compile(arch, q, log_g):
     from quantpipe.quant.gpu import _cuda
 
@@ -108,3 +108,4 @@ def test_tiled_bank_layout_and_shared_memory():
         assert len({a % 32 for a in lanes}) == 32, (q, g, srow)
         assert _cuda.TiledRotation.supports(c, g, q)
     assert not _cuda.TiledRotation.supports(192, 16, 6)  # Q must be a multiple of 4 (float4 rows)
+    assert not _cuda.TiledRotation.supports(12, 1, 12)  # C must be a multiple of 8 (units of 8 codes)

@@ -145,7 +145,7 @@ class TiledRotation:
     ``dec_tiled`` in kernels.cu): a block stages ``tile_rows`` rows in shared memory and runs the butterfly
     in registers, one thread per (row, channel), instead of through warp shuffles.
 
-    ``tile_rows`` (even) and ``threads`` are chosen from the tensor's rows unless given (benchmarks sweep them).
+    ``tile_rows`` and ``threads`` are chosen from the tensor's rows unless given (benchmarks sweep them).
     """
 
     #: dynamic shared memory a block may use without opting in to more (48 KiB on every CUDA GPU)
@@ -155,7 +155,8 @@ class TiledRotation:
     @staticmethod
     def supports(channels: int, groups: int, q: int) -> bool:
         return (q % 4 == 0 and q <= 32 and groups >= 1 and groups & (groups - 1) == 0 and groups * q == channels
-                and groups <= 1024 and TiledRotation._smem(2, channels, q, groups, 16) <= TiledRotation.SMEM_LIMIT)
+                and channels % 8 == 0 and groups <= 128
+                and TiledRotation._smem(2, channels, q, groups, 16) <= TiledRotation.SMEM_LIMIT)
 
     @staticmethod
     def _srow(channels: int, q: int, groups: int) -> int:
@@ -166,7 +167,7 @@ class TiledRotation:
 
     @staticmethod
     def _smem(tile_rows: int, channels: int, q: int, groups: int, bits: int) -> int:
-        return tile_rows * TiledRotation._srow(channels, q, groups) * 4 + tile_rows * channels * (2 if bits == 16 else 1)
+        return tile_rows * TiledRotation._srow(channels, q, groups) * 4
 
     def __init__(self, channels: int, groups: int, q: int, scaled_signs: np.ndarray, base: np.ndarray, *,
                  tile_rows: int | None = None, threads: int | None = None) -> None:
@@ -185,11 +186,11 @@ class TiledRotation:
 
     def launch(self, rows: int, bits: int) -> tuple[int, int, int, int]:
         """(grid, threads, tile rows, shared bytes) for a tensor of ``rows`` rows at ``bits``."""
-        r_max = max(2, min(self.TARGET_VALUES // self.channels, 64) // 2 * 2)
+        r_max = max(2, min(self.TARGET_VALUES // self.channels, 64))
         while r_max > 2 and self._smem(r_max, self.channels, self.q, self.groups, bits) > self.SMEM_LIMIT:
             r_max -= 2
         # several tiles per SM when the tensor is small, so that loads of some overlap the work of others
-        r = self.tile_rows or max(2, min(r_max, rows // (6 * _sm_count()) // 2 * 2))
+        r = self.tile_rows or max(2, min(r_max, rows // (6 * _sm_count())))
         threads = self.threads or 128
         tiles = (rows + r - 1) // r
         return max(1, min(tiles, _sm_count() * 16)), threads, r, self._smem(r, self.channels, self.q, self.groups, bits)

@@ -446,20 +446,27 @@ __global__ void __launch_bounds__(32 * WARPS) dec_rot(const u8 *__restrict__ in,
 // The same transform and arithmetic as the warp kernels above (x * scaled_signs, the butterfly over the
 // G = 2^LOG_G groups in ascending stages, the Q x Q base product summed over k in order, quantize), but
 // a block works on a tile of R rows staged in shared memory, and each phase maps threads to the data the
-// way that phase needs it, so the butterfly runs in registers instead of through warp shuffles:
-//   load   coalesced float4 reads of the tile, times the signs, into the tile (row stride SROW floats);
-//   wht    per (row, channel j, other group bits): the values of up to 32 groups in registers, the
-//          stages of those bits in order (one pass for G <= 32; the last pass takes the top 5 bits);
-//   base   per (row, group): its Q values, the base product, quantization; codes in flat order;
-//   pack   per 8 codes: B bytes of the stream (coalesced stores).
+// way that phase needs it, so the butterfly runs in registers instead of through warp shuffles.
+// Encode:
+//   load   float4 reads of the tile, times the signs; the stages of the FIRST_BITS low group bits
+//          (adjacent groups, G > 32 only) in registers; into the tile (row stride SROW floats);
+//   wht    per (row, channel j, low group bits): the values of the top LAST_BITS (<= 5) bits' groups in
+//          registers, their stages in order;
+//   base   per (row, 8-value-aligned unit of 1 or 2 groups): the base product, quantization, packing,
+//          stores of whole groups of 8 codes.
+// Decode mirrors it: unpack + dequantize into the tile; per (row, block of 2^FIRST_BITS adjacent groups)
+// the transposed base product and the low stages; the top stages; times the signs, coalesced stores.
 // Compiled once per (Q, LOG_G) with `#define Q`, `#define LOG_G`, `#define SROW` and
-// `__constant__ float c_base[Q * Q]` in the module's prefix. SROW (>= C, a multiple of 4) makes the last
-// butterfly pass free of shared-memory bank conflicts. R (even, so tiles start on a group of 8) and the
-// block size are launch parameters; the dynamic shared memory is R * SROW floats + R * C codes.
+// `__constant__ float c_base[Q * Q]` in the module's prefix. SROW (>= C, a multiple of 4) makes the top
+// butterfly pass free of shared-memory bank conflicts. C must be a multiple of 8 and LOG_G <= 7. R and
+// the block size are launch parameters; the dynamic shared memory is R * SROW floats. Rows past the
+// tensor's end (the last tile) are neither loaded nor computed.
 #define TG (1 << LOG_G)
 #define TC (TG * Q)
 #define LAST_BITS (LOG_G < 5 ? LOG_G : 5)
 #define FIRST_BITS (LOG_G - LAST_BITS)
+#define FB (1 << FIRST_BITS)
+#define UNIT ((Q % 8) == 0 ? 1 : 2)  // groups per encode item, so that it starts on a group of 8 codes
 
 // Butterfly stages of group-index bits [A, A + K), ascending, over the tile's `rows` rows.
 template <int A, int K>
@@ -490,13 +497,18 @@ __device__ __forceinline__ void tiled_wht(float *__restrict__ tile, int rows) {
     }
 }
 
-__device__ __forceinline__ void tiled_butterfly(float *__restrict__ tile, int rows) {
-    if (FIRST_BITS > 0) {
-        tiled_wht<0, (FIRST_BITS > 0 ? FIRST_BITS : 1)>(tile, rows);
-        __syncthreads();
+// The stages of the low FIRST_BITS group bits over FB adjacent groups' values (one component).
+__device__ __forceinline__ void low_stages(float (&t)[FB]) {
+#pragma unroll
+    for (int h = 1; h < FB; h <<= 1) {
+#pragma unroll
+        for (int m = 0; m < FB; ++m) {
+            if (m & h) continue;
+            const float u = t[m], v = t[m | h];
+            t[m] = __fadd_rn(u, v);
+            t[m | h] = __fsub_rn(u, v);
+        }
     }
-    if (LAST_BITS > 0) tiled_wht<FIRST_BITS, (LAST_BITS > 0 ? LAST_BITS : 1)>(tile, rows);
-    __syncthreads();
 }
 
 __device__ __forceinline__ float4 table4(const float *__restrict__ a, int c, int per_channel) {
@@ -505,78 +517,101 @@ __device__ __forceinline__ float4 table4(const float *__restrict__ a, int c, int
     return make_float4(v, v, v, v);
 }
 
+__device__ __forceinline__ float4 mul4(float4 a, float4 b) {
+    return make_float4(__fmul_rn(a.x, b.x), __fmul_rn(a.y, b.y), __fmul_rn(a.z, b.z), __fmul_rn(a.w, b.w));
+}
+
 template <int B>
 __global__ void enc_tiled(const float *__restrict__ x, long long rows, int R, const float *__restrict__ ssign,
                           const float *__restrict__ lo, const float *__restrict__ inv, int per_channel,
                           u8 *__restrict__ out, long long nbytes, u32 *__restrict__ nan_count) {
-    typedef typename CodeT<B>::T code_t;
     extern __shared__ __align__(16) unsigned char tsm[];
     float *tile = reinterpret_cast<float *>(tsm);
-    code_t *codes = reinterpret_cast<code_t *>(tsm + (size_t)R * SROW * sizeof(float));
     const long long tiles = (rows + R - 1) / R;
     u32 nans = 0;
     for (long long tl = blockIdx.x; tl < tiles; tl += gridDim.x) {
         const long long row0 = tl * R;
         const int nrows = (int)((rows - row0) < R ? (rows - row0) : R);
-        const float4 *src = reinterpret_cast<const float4 *>(x + row0 * TC);
-        for (int i = threadIdx.x; i < R * (TC / 4); i += blockDim.x) {
-            const int row = i / (TC / 4), c = (i - row * (TC / 4)) * 4;
-            float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (row < nrows) {
-                const float4 v = src[i], s = __ldg(reinterpret_cast<const float4 *>(ssign + c));
-                a = make_float4(__fmul_rn(v.x, s.x), __fmul_rn(v.y, s.y), __fmul_rn(v.z, s.z), __fmul_rn(v.w, s.w));
+        const float *src = x + row0 * TC;
+        // load: item = (row, block of FB adjacent groups, float4 k of a group)
+        constexpr int PER_ROW0 = (TG / FB) * (Q / 4);
+        for (int it = threadIdx.x; it < nrows * PER_ROW0; it += blockDim.x) {
+            const int row = it / PER_ROW0, w = it - row * PER_ROW0;
+            const int gb = w / (Q / 4), k = w - gb * (Q / 4);
+            const int c0 = gb * FB * Q + 4 * k;
+            float4 a[FB];
+#pragma unroll
+            for (int m = 0; m < FB; ++m)
+                a[m] = mul4(*reinterpret_cast<const float4 *>(src + row * TC + c0 + m * Q),
+                            __ldg(reinterpret_cast<const float4 *>(ssign + c0 + m * Q)));
+            if (FB > 1) {
+                float t[FB];
+#pragma unroll
+                for (int m = 0; m < FB; ++m) t[m] = a[m].x;
+                low_stages(t);
+#pragma unroll
+                for (int m = 0; m < FB; ++m) a[m].x = t[m];
+#pragma unroll
+                for (int m = 0; m < FB; ++m) t[m] = a[m].y;
+                low_stages(t);
+#pragma unroll
+                for (int m = 0; m < FB; ++m) a[m].y = t[m];
+#pragma unroll
+                for (int m = 0; m < FB; ++m) t[m] = a[m].z;
+                low_stages(t);
+#pragma unroll
+                for (int m = 0; m < FB; ++m) a[m].z = t[m];
+#pragma unroll
+                for (int m = 0; m < FB; ++m) t[m] = a[m].w;
+                low_stages(t);
+#pragma unroll
+                for (int m = 0; m < FB; ++m) a[m].w = t[m];
             }
-            *reinterpret_cast<float4 *>(tile + row * SROW + c) = a;
+#pragma unroll
+            for (int m = 0; m < FB; ++m) *reinterpret_cast<float4 *>(tile + row * SROW + c0 + m * Q) = a[m];
         }
         __syncthreads();
-        tiled_butterfly(tile, R);
-        for (int it = threadIdx.x; it < R * TG; it += blockDim.x) {
-            const int row = it / TG, g = it - row * TG;
-            const bool valid = row < nrows;
-            const float *src_t = tile + row * SROW + g * Q;
-            float t[Q];
-#pragma unroll
-            for (int i = 0; i < Q; i += 4) {
-                const float4 a = *reinterpret_cast<const float4 *>(src_t + i);
-                t[i] = a.x; t[i + 1] = a.y; t[i + 2] = a.z; t[i + 3] = a.w;
-            }
-            code_t *dst = codes + row * TC + g * Q;
-#pragma unroll
-            for (int j0 = 0; j0 < Q; j0 += 4) {
-                const float4 l4 = table4(lo, g * Q + j0, per_channel), i4 = table4(inv, g * Q + j0, per_channel);
-                const float ls[4] = {l4.x, l4.y, l4.z, l4.w}, is[4] = {i4.x, i4.y, i4.z, i4.w};
-                u32 c4[4];
-#pragma unroll
-                for (int jj = 0; jj < 4; ++jj) {
-                    const int j = j0 + jj;
-                    float acc = __fmul_rn(t[0], c_base[j]);
-#pragma unroll
-                    for (int k = 1; k < Q; ++k) acc = __fmaf_rn(t[k], c_base[k * Q + j], acc);
-                    const u32 code = quantize1<B>(acc, ls[jj], is[jj], nans);
-                    c4[jj] = valid ? code : 0u;
-                }
-                if (B == 16) {
-                    reinterpret_cast<uint2 *>(dst + j0)[0] = make_uint2(c4[0] | (c4[1] << 16), c4[2] | (c4[3] << 16));
-                } else {
-                    reinterpret_cast<u32 *>(dst + j0)[0] = c4[0] | (c4[1] << 8) | (c4[2] << 16) | (c4[3] << 24);
-                }
-            }
+        if (LAST_BITS > 0) {
+            tiled_wht<FIRST_BITS, (LAST_BITS > 0 ? LAST_BITS : 1)>(tile, nrows);
+            __syncthreads();
         }
-        __syncthreads();
-        const long long g_first = row0 * TC / 8;
-        const int ngroups = (nrows * TC + 7) / 8;
-        for (int k = threadIdx.x; k < ngroups; k += blockDim.x) {
-            u32 q[8];
-            if (B == 16) {
-                const uint4 w = reinterpret_cast<const uint4 *>(codes)[k];
-                q[0] = w.x & 0xFFFF; q[1] = w.x >> 16; q[2] = w.y & 0xFFFF; q[3] = w.y >> 16;
-                q[4] = w.z & 0xFFFF; q[5] = w.z >> 16; q[6] = w.w & 0xFFFF; q[7] = w.w >> 16;
-            } else {
-                const uint2 w = reinterpret_cast<const uint2 *>(codes)[k];
+        // base + quantize + pack: item = (valid row, unit of UNIT groups = UNIT * Q / 8 groups of 8 codes)
+        constexpr int PER_ROW2 = TG / UNIT;
+        for (int it = threadIdx.x; it < nrows * PER_ROW2; it += blockDim.x) {
+            const int row = it / PER_ROW2, u = it - row * PER_ROW2;
+            u32 codes[UNIT * Q];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) { q[i] = (w.x >> (8 * i)) & 0xFF; q[4 + i] = (w.y >> (8 * i)) & 0xFF; }
+            for (int s = 0; s < UNIT; ++s) {
+                const int g = u * UNIT + s;
+                const float *p = tile + row * SROW + g * Q;
+                float t[Q];
+#pragma unroll
+                for (int i = 0; i < Q; i += 4) {
+                    const float4 a = *reinterpret_cast<const float4 *>(p + i);
+                    t[i] = a.x; t[i + 1] = a.y; t[i + 2] = a.z; t[i + 3] = a.w;
+                }
+#pragma unroll
+                for (int j0 = 0; j0 < Q; j0 += 4) {
+                    const float4 l4 = table4(lo, g * Q + j0, per_channel), i4 = table4(inv, g * Q + j0, per_channel);
+                    const float ls[4] = {l4.x, l4.y, l4.z, l4.w}, is[4] = {i4.x, i4.y, i4.z, i4.w};
+#pragma unroll
+                    for (int jj = 0; jj < 4; ++jj) {
+                        const int j = j0 + jj;
+                        float acc = __fmul_rn(t[0], c_base[j]);
+#pragma unroll
+                        for (int k = 1; k < Q; ++k) acc = __fmaf_rn(t[k], c_base[k * Q + j], acc);
+                        codes[s * Q + j] = quantize1<B>(acc, ls[jj], is[jj], nans);
+                    }
+                }
             }
-            store_group<B>(out, g_first + k, q, group_keep<B>(g_first + k, nbytes));
+            const long long g8 = ((row0 + row) * TC + (long long)u * UNIT * Q) / 8;
+#pragma unroll
+            for (int s = 0; s < UNIT * Q / 8; ++s) {
+                u32 q[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) q[i] = codes[s * 8 + i];
+                store_group<B>(out, g8 + s, q, group_keep<B>(g8 + s, nbytes));
+            }
         }
         __syncthreads();
     }
@@ -594,51 +629,68 @@ __global__ void dec_tiled(const u8 *__restrict__ in, long long rows, int R, cons
         const long long row0 = tl * R;
         const int nrows = (int)((rows - row0) < R ? (rows - row0) : R);
         const long long g_first = row0 * TC / 8;
-        for (int k = threadIdx.x; k < R * TC / 8; k += blockDim.x) {
+        for (int k = threadIdx.x; k < nrows * TC / 8; k += blockDim.x) {
             u32 q[8];
             load_group<B>(in, g_first + k, q, group_keep<B>(g_first + k, nbytes));
+            const int f = k * 8, row = f / TC, c = f - row * TC;  // 8 values of one row (C % 8 == 0)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int f = k * 8 + h * 4, row = f / TC, c = f - row * TC;
-                const float4 s4 = table4(step, c, per_channel), l4 = table4(lo, c, per_channel);
-                *reinterpret_cast<float4 *>(tile + row * SROW + c) = make_float4(
+                const float4 s4 = table4(step, c + 4 * h, per_channel), l4 = table4(lo, c + 4 * h, per_channel);
+                *reinterpret_cast<float4 *>(tile + row * SROW + c + 4 * h) = make_float4(
                     __fadd_rn(__fmul_rn((float)q[h * 4], s4.x), l4.x), __fadd_rn(__fmul_rn((float)q[h * 4 + 1], s4.y), l4.y),
                     __fadd_rn(__fmul_rn((float)q[h * 4 + 2], s4.z), l4.z), __fadd_rn(__fmul_rn((float)q[h * 4 + 3], s4.w), l4.w));
             }
         }
         __syncthreads();
-        // per group: y @ base.T, t[j] = sum_k v[k] * base[j][k]
-        for (int it = threadIdx.x; it < R * TG; it += blockDim.x) {
-            const int row = it / TG, g = it - row * TG;
-            float *p = tile + row * SROW + g * Q;
-            float v[Q];
+        // per block of FB adjacent groups: y @ base.T (t[j] = sum_k v[k] * base[j][k]), then the low stages
+        constexpr int PER_ROW2 = TG / FB;
+        for (int it = threadIdx.x; it < nrows * PER_ROW2; it += blockDim.x) {
+            const int row = it / PER_ROW2, gb = it - row * PER_ROW2;
+            float *p = tile + row * SROW + gb * FB * Q;
+            float r[FB][Q];
 #pragma unroll
-            for (int i = 0; i < Q; i += 4) {
-                const float4 a = *reinterpret_cast<const float4 *>(p + i);
-                v[i] = a.x; v[i + 1] = a.y; v[i + 2] = a.z; v[i + 3] = a.w;
-            }
+            for (int m = 0; m < FB; ++m) {
+                float v[Q];
 #pragma unroll
-            for (int j0 = 0; j0 < Q; j0 += 4) {
-                float r[4];
+                for (int i = 0; i < Q; i += 4) {
+                    const float4 a = *reinterpret_cast<const float4 *>(p + m * Q + i);
+                    v[i] = a.x; v[i + 1] = a.y; v[i + 2] = a.z; v[i + 3] = a.w;
+                }
 #pragma unroll
-                for (int jj = 0; jj < 4; ++jj) {
-                    const int j = j0 + jj;
+                for (int j = 0; j < Q; ++j) {
                     float acc = __fmul_rn(v[0], c_base[j * Q]);
 #pragma unroll
                     for (int k = 1; k < Q; ++k) acc = __fmaf_rn(v[k], c_base[j * Q + k], acc);
-                    r[jj] = acc;
+                    r[m][j] = acc;
                 }
-                *reinterpret_cast<float4 *>(p + j0) = make_float4(r[0], r[1], r[2], r[3]);
             }
+            if (FB > 1) {
+#pragma unroll
+                for (int j = 0; j < Q; ++j) {
+                    float t[FB];
+#pragma unroll
+                    for (int m = 0; m < FB; ++m) t[m] = r[m][j];
+                    low_stages(t);
+#pragma unroll
+                    for (int m = 0; m < FB; ++m) r[m][j] = t[m];
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < FB; ++m)
+#pragma unroll
+                for (int i = 0; i < Q; i += 4)
+                    *reinterpret_cast<float4 *>(p + m * Q + i) = make_float4(r[m][i], r[m][i + 1], r[m][i + 2], r[m][i + 3]);
         }
         __syncthreads();
-        tiled_butterfly(tile, R);
+        if (LAST_BITS > 0) {
+            tiled_wht<FIRST_BITS, (LAST_BITS > 0 ? LAST_BITS : 1)>(tile, nrows);
+            __syncthreads();
+        }
         float4 *dst = reinterpret_cast<float4 *>(y + row0 * TC);
         for (int i = threadIdx.x; i < nrows * (TC / 4); i += blockDim.x) {
             const int row = i / (TC / 4), c = (i - row * (TC / 4)) * 4;
-            const float4 v = *reinterpret_cast<const float4 *>(tile + row * SROW + c);
-            const float4 s = __ldg(reinterpret_cast<const float4 *>(ssign + c));
-            dst[i] = make_float4(__fmul_rn(v.x, s.x), __fmul_rn(v.y, s.y), __fmul_rn(v.z, s.z), __fmul_rn(v.w, s.w));
+            dst[i] = mul4(*reinterpret_cast<const float4 *>(tile + row * SROW + c),
+                          __ldg(reinterpret_cast<const float4 *>(ssign + c)));
         }
         __syncthreads();
     }
