@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tail", type=float, default=15.0, help="seconds streamed after the last step")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", default="", help="keep each run's output directory (events, results, logs) "
+                        "under this directory as run<i>/")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench/adaptation.py needs root (ip netns, tc)", file=sys.stderr)
@@ -72,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"setup": SETUP, "schedule": args.schedule, "nominal_window_s": round(window_s, 3), "runs": [],
               "load": os.getloadavg()}
     for i in range(args.runs):
-        with tempfile.TemporaryDirectory() as tmp:
-            r = run_once(Path(tmp), args.schedule, args.tail, f"qa{os.getpid() % 10000}{i}")
+        if args.keep:
+            workdir = Path(args.keep) / f"run{i}"
+            workdir.mkdir(parents=True, exist_ok=True)
+            r = run_once(workdir, args.schedule, args.tail, f"qa{os.getpid() % 10000}{i}")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                r = run_once(Path(tmp), args.schedule, args.tail, f"qa{os.getpid() % 10000}{i}")
         report["runs"].append(r)
         if not args.json:
             print(f"run {i}: {r['images']} images, {r['errors']} errors, {r['wall_s']} s")
