@@ -20,25 +20,33 @@ the bitwidth policy (:mod:`quantpipe.runtime.policy`).
 step, and when the link collapses N acks of frames sized for the old rate take many nominal windows:
 the policy would react late and on a blended figure (issue 12.5). So every ack also gives a per-frame
 *delivery rate*: the frame's bytes over the time since the link started carrying it (the previous ack,
-or its send when the link was idle). The window closes at once, holding only the frames that saw the
-new rate, when
+or its send when the link was idle). A step is *seen* at the ack of the first frame whose rate departs
+from the last window's estimate; that frame may have begun crossing the link before the step, so its
+rate blends the two links, while every frame acknowledged after it was carried entirely on the new one.
+Hence, when
 
 * the link collapsed: the last frame, or the last two frames together, were delivered at less than
   ``collapse_factor`` of the last window's estimate, and the link carried them for at least
   ``min_frame_s`` (long enough that scheduling noise cannot halve their rate: on a fast link, frames of
-  a few milliseconds each are left to the normal window).
-The policy then sees the new rate about one frame time after the step, and the byte bound of the
-credit window (:meth:`quantpipe.runtime.link.LinkSender.has_credit`) follows it. When the link got
-faster (each of the last two frames delivered at more than ``1 / collapse_factor`` times the estimate)
-nothing is urgent, the output keeps up already, and two small frames under-measure a fast TCP link, so
-the window is not closed but *restarted* from those frames: it closes after N acks measured on the new
-link alone, and the policy widens in one step instead of through a blended intermediate rung.
+  a few milliseconds each are left to the normal window),
+
+the window closes at once on those frames as an **upper bound** of the new rate
+(:attr:`WindowStats.upper_bound`: the policy acts on it only where a lower rate could not change its
+choice), and the next window closes as soon as frames carried after the collapse add up to
+``min_frame_s``: a measurement of the new link alone, about one frame time later. The byte bound of the
+credit window (:meth:`quantpipe.runtime.link.LinkSender.has_credit`) follows the bound at once.
+When the link got faster (each of the last two frames delivered at more than ``1 / collapse_factor``
+times the estimate) nothing is urgent, the output keeps up already, and a few small frames
+under-measure a fast TCP link, so the window is not closed but *restarted* from the later of the two
+frames (the earlier one may have straddled the step): it closes after N acks measured on the new link
+alone, and the policy widens in one step instead of through a blended intermediate rung.
 """
 
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["WindowStats", "BandwidthEstimator"]
 
@@ -55,7 +63,9 @@ class WindowStats:
         busy_s: seconds with at least one frame outstanding.
         elapsed_s: wall seconds from the window's start to its close.
         bits: the bitwidth most of the window's bytes were sent at.
-        closed_early: the window was cut short because the link collapsed (see the module docstring).
+        closed_early: the window was cut short by a step of the link (see the module docstring).
+        upper_bound: ``bandwidth`` is only an upper bound of the link's new rate: a collapse was seen on
+            frames that may have begun crossing the link before it. The next window measures it.
     """
 
     microbatches: int
@@ -66,6 +76,7 @@ class WindowStats:
     elapsed_s: float
     bits: int
     closed_early: bool = False
+    upper_bound: bool = False
 
     @property
     def bandwidth(self) -> float:
@@ -76,6 +87,16 @@ class WindowStats:
     def output_rate(self) -> float:
         """Images per second acknowledged over the window's wall time."""
         return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class _Frame(NamedTuple):
+    """One acknowledged frame, as the step detection sees it."""
+
+    nbytes: int
+    carried: float  # seconds the link carried it (from its send, or the previous ack if later)
+    images: int
+    fp32_bytes: int
+    bits: int
 
 
 class BandwidthEstimator:
@@ -111,10 +132,10 @@ class BandwidthEstimator:
         self._last_estimate = 0.0
         self._sent_at: collections.deque[float] = collections.deque()  # first sends not yet acked, in order
         self._last_ack: float | None = None
-        # The last two frames: (bytes, seconds the link carried them, images, fp32 bytes, bits).
-        self._recent: collections.deque[tuple[int, float, int, int, int]] = collections.deque(maxlen=2)
+        self._recent: collections.deque[_Frame] = collections.deque(maxlen=2)  # the last two frames
         self.early_closes = 0
         self._restarted = False  # the window was restarted after a faster link (once per window)
+        self._confirming = False  # the last window was an upper bound: close this one on the new link's frames
         self._reset(None)
 
     def _reset(self, now: float | None) -> None:
@@ -160,7 +181,7 @@ class BandwidthEstimator:
         # still busy with the previous one then, from that one's ack.
         carried = now - max(sent, self._last_ack if self._last_ack is not None else sent)
         self._last_ack = now
-        self._recent.append((nbytes, max(carried, 0.0), images, fp32_bytes, bits))
+        self._recent.append(_Frame(nbytes, max(carried, 0.0), images, fp32_bytes, bits))
         if self._outstanding == 0 and self._busy_since is not None:
             self._busy += now - self._busy_since
             self._busy_since = None
@@ -169,61 +190,74 @@ class BandwidthEstimator:
         self._bytes += nbytes
         self._fp32 += fp32_bytes
         self._bytes_by_bits[bits] = self._bytes_by_bits.get(bits, 0) + nbytes
-        collapsed = self._collapsed()
-        if collapsed is not None:
-            return collapsed
-        timed_out = self.max_window_s is not None and self._start is not None and now - self._start >= self.max_window_s
-        if self._mb < self.window and not timed_out:
-            return None
         busy = self._busy + (now - self._busy_since if self._busy_since is not None else 0.0)
+        # After an upper bound, every frame acked was carried after the collapse was seen: measure it as
+        # soon as the link carried them long enough, without waiting for N of them (nor for another halving).
+        confirmed = self._confirming and busy >= self.min_frame_s
+        if not self._confirming:
+            collapsed = self._step_seen()
+            if collapsed is not None:
+                return collapsed
+        timed_out = self.max_window_s is not None and self._start is not None and now - self._start >= self.max_window_s
+        if self._mb < self.window and not timed_out and not confirmed:
+            return None
         stats = WindowStats(
             microbatches=self._mb, images=self._images, bytes=self._bytes, fp32_bytes=self._fp32,
             busy_s=busy, elapsed_s=now - (self._start if self._start is not None else now),
             bits=max(self._bytes_by_bits, key=self._bytes_by_bits.__getitem__),
+            closed_early=confirmed and self._mb < self.window,
         )
+        if stats.closed_early:
+            self.early_closes += 1
         self._last_estimate = stats.bandwidth
         self._restarted = False
+        self._confirming = False
         self._reset(now)
         return stats
 
-    def _collapsed(self) -> WindowStats | None:
-        """The window closed early from the last frame(s), if their rate says the link stepped."""
+    def _step_seen(self) -> WindowStats | None:
+        """The upper-bound window closed early from the last frame(s), if their rate says the link
+        collapsed; restarts the window if it says the link got faster (see the module docstring)."""
         est, f = self._last_estimate, self.collapse_factor
         if f <= 0 or est <= 0 or not self._recent:
             return None
 
-        def rate(frames: list) -> float:
-            carried = sum(r[1] for r in frames)
-            return sum(r[0] for r in frames) / carried if carried > 0 else float("inf")
+        def rate(frames: list[_Frame]) -> float:
+            carried = sum(r.carried for r in frames)
+            return sum(r.nbytes for r in frames) / carried if carried > 0 else float("inf")
 
         last, both = [self._recent[-1]], list(self._recent)
-        long_last = last[0][1] >= self.min_frame_s and rate(last) < f * est
+        long_last = last[0].carried >= self.min_frame_s and rate(last) < f * est
         pair = len(both) == 2
-        long_pair = pair and sum(r[1] for r in both) >= self.min_frame_s  # ms-long frames: noise, not evidence
+        long_pair = pair and sum(r.carried for r in both) >= self.min_frame_s  # ms-long frames: noise, not evidence
         if long_last or (long_pair and rate(both) < f * est):
             frames = last if rate(last) <= rate(both) else both  # the frames that saw the new rate best
         elif pair and not self._restarted and all(f * rate([r]) > est for r in both):
-            # Faster (each frame, so that one that straddled the step does not count): measure anew.
+            # Faster (each frame, so that one that straddled the step does not count): measure anew, from
+            # the later frame only. It was carried after the earlier one's ack, so on the new link; the
+            # earlier one may have begun on the old link, and a straddler that came out faster than
+            # est / f but slower than the new link would bias the new window low (issue 12.5: a 16-bit
+            # rung on the way from 4 to 32 bits).
             self._restarted = True
-            start = self._last_ack - sum(r[1] for r in both)
-            self._reset(start)
-            for r in both:
-                self._mb, self._images, self._bytes, self._fp32 = (self._mb + 1, self._images + r[2],
-                                                                   self._bytes + r[0], self._fp32 + r[3])
-                self._bytes_by_bits[r[4]] = self._bytes_by_bits.get(r[4], 0) + r[0]
-            self._busy = sum(r[1] for r in both)
+            seed = both[-1]
+            self._reset(self._last_ack - seed.carried)
+            self._mb, self._images, self._bytes, self._fp32 = 1, seed.images, seed.nbytes, seed.fp32_bytes
+            self._bytes_by_bits[seed.bits] = seed.nbytes
+            self._busy = seed.carried
             if self._busy_since is not None:
                 self._busy_since = self._last_ack
             return None
         else:
             return None
-        carried = sum(r[1] for r in frames)
-        stats = WindowStats(microbatches=len(frames), images=sum(r[2] for r in frames), bytes=sum(r[0] for r in frames),
-                            fp32_bytes=sum(r[3] for r in frames), busy_s=carried, elapsed_s=carried,
-                            bits=frames[-1][4], closed_early=True)
+        carried = sum(r.carried for r in frames)
+        stats = WindowStats(microbatches=len(frames), images=sum(r.images for r in frames),
+                            bytes=sum(r.nbytes for r in frames), fp32_bytes=sum(r.fp32_bytes for r in frames),
+                            busy_s=carried, elapsed_s=carried, bits=frames[-1].bits, closed_early=True,
+                            upper_bound=True)
         self.early_closes += 1
         self._last_estimate = stats.bandwidth
-        self._recent.clear()  # the next verdict needs two frames measured against the new estimate
+        self._recent.clear()  # the next verdict needs frames measured against the new estimate
         self._restarted = False
+        self._confirming = True
         self._reset(self._last_ack)
         return stats

@@ -19,6 +19,14 @@ narrower bitwidth is taken as soon as a window says the current one is too wide 
 queueing at once), but a wider one only when the ratio computed with ``upgrade_margin`` of extra
 demand still allows it. A step of the link rate is followed within one window (two when the window
 straddles the step).
+
+A window that is only an upper bound of the link's rate (:attr:`WindowStats.upper_bound`: a collapse
+seen on a frame that may have begun on the faster link) gives only a lower bound of the ratio. The
+policy moves on it only when that bound already calls for the narrowest rung, which no lower rate
+could change; otherwise it keeps the bitwidth until the next window, which measures the new link
+alone about one frame later (:class:`~quantpipe.runtime.bandwidth.BandwidthEstimator`), and then
+moves once. Moving on the bound would take the widest rung the blend allows and, since the blend
+overstates the new rate, a second, narrower one a frame later.
 """
 
 from __future__ import annotations
@@ -109,6 +117,10 @@ class PaperPolicy:
         if math.isnan(ratio):
             return self.current  # nothing measured (no acks or zero busy time): keep going
         candidate = self.rung(ratio)
+        if stats.upper_bound:  # ratio is a lower bound: only the narrowest rung is certain
+            narrowest = self.allowed[-1]
+            self.current = narrowest if candidate == narrowest else self.current
+            return self.current
         if candidate > self.current:
             # Widen only if it would still fit with margin, and then only as far as the margin allows.
             candidate = max(self.current, self.rung(ratio * (1.0 + self.upgrade_margin)))

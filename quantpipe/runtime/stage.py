@@ -299,7 +299,8 @@ class StageDaemon:
                       "bandwidth_Bps": stats.bandwidth, "ratio": getattr(self.policy, "last_ratio", None),
                       "images": stats.images, "bytes": stats.bytes, "busy_s": stats.busy_s,
                       "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate,
-                      "closed_early": getattr(stats, "closed_early", False)}
+                      "closed_early": getattr(stats, "closed_early", False),
+                      "upper_bound": getattr(stats, "upper_bound", False)}
             if self.bits != previous:
                 log.info("stage %d: %d -> %d bits (link %.1f Mbit/s, %.1f img/s)", self.k, previous, self.bits,
                          stats.bandwidth / MBIT, stats.output_rate)

@@ -54,6 +54,26 @@ def test_downgrade_is_immediate_upgrade_needs_margin():
     assert p.update(_window(16, fp32_rate / 2.5)) == 8
 
 
+def test_an_upper_bound_moves_the_policy_only_to_the_narrowest_rung():
+    """A collapse seen on a frame that may have begun on the faster link bounds the new rate from above:
+    the ratio is at least what it says. Only a bound that already calls for the narrowest rung is acted
+    on; otherwise the policy waits for the next window, which measures the new link alone."""
+    from dataclasses import replace
+
+    target = 100.0
+    fp32_rate = target * FP32_IMAGE
+    p = PaperPolicy(ALL, target)
+    # ratio >= 3 (the rate is at most fp32/3): 8 bits if it were a measurement, but 4 or 2 may be needed
+    assert p.update(replace(_window(32, fp32_rate / 3), upper_bound=True)) == 32
+    assert p.update(_window(32, fp32_rate / 6)) == 4  # the measurement that follows: one change
+    p = PaperPolicy(ALL, target)
+    assert p.update(replace(_window(32, fp32_rate / 9), upper_bound=True)) == 2  # ratio >= 9: only 2 fits
+    assert p.update(_window(2, fp32_rate / 15)) == 2
+    p = PaperPolicy(ALL, target, start_bits=4)
+    assert p.update(replace(_window(4, fp32_rate / 0.5), upper_bound=True)) == 4  # a bound never widens
+    assert p.update(replace(_window(32, fp32_rate / 3), upper_bound=False)) == 8  # a measurement moves at once
+
+
 def test_nothing_measured_keeps_the_bitwidth():
     p = PaperPolicy(ALL, 50.0, start_bits=6)
     empty = WindowStats(microbatches=0, images=0, bytes=0, fp32_bytes=0, busy_s=0.0, elapsed_s=1.0, bits=6)
