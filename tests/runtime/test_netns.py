@@ -131,10 +131,13 @@ def test_output_rate_is_back_within_two_windows_after_8x_and_20x_drops(netns_pre
     """Issue 12.5 (its setup, phases shortened): [197, 192] boundaries, microbatch 8, R = 30 img/s, window
     10 (2.67 s nominal), 48.4 -> 6.05 -> 48.4 -> 2.42 Mbit/s. Judged by the sink's output rate: back to
     90 % of R (2 bits carry 32 img/s on 2.42 Mbit/s) within 3 windows of every step (the 2-window target
-    is measured by bench/adaptation.py), and no oscillation.
+    is measured by bench/adaptation.py), no oscillation, and at most one bitwidth change after settling.
     Before the fix the 8x drop took 3 windows (12.8 s) in 7 runs of 7. The 20x drop meets it only once
     the stage re-reads its bitwidth after waiting for credit (one line in stage.py, see BENCHMARKS.md):
-    without it, one more 32-bit frame (4 s on 2.42 Mbit/s) follows the decision."""
+    without it, one more 32-bit frame (4 s on 2.42 Mbit/s) follows the decision. Two changes after
+    settling (32 -> 8 -> 4 after the 8x drop, 4 -> 16 -> 32 after the rise) came from deciding on the frame
+    that straddled the step; the estimator now reports it as an upper bound and the policy waits one frame
+    for a measurement of the new link (tests/runtime/test_bandwidth_steps.py)."""
     from bench.adaptation import config as adaptation_config
 
     schedule = "0:48.4,8:6.05,16:48.4,24:2.42"
@@ -153,10 +156,11 @@ def test_output_rate_is_back_within_two_windows_after_8x_and_20x_drops(netns_pre
         # issue's 3 windows for the 8x drop, and never coming back) with a margin instead.
         assert a["settle_s"] is not None and a["settled_after_windows"] <= 3.0, a
         # No oscillation: the decisions of a phase move one way only (32 -> 4 -> 2 is fine, 4 -> 8 -> 4 not).
-        # (Strictly "one change after settling" is not always met: see BENCHMARKS.md.)
         seq = [previous, *a["decisions"]] if previous is not None else a["decisions"]
         moves = [y - x for x, y in zip(seq, seq[1:]) if y != x]
         assert all(m > 0 for m in moves) or all(m < 0 for m in moves), a
+        if a["step_s"] > 0:  # the steps, not the start (whose first window also measures the connection's ramp)
+            assert a["changes_after_settling"] <= 1, a
         previous = a["decisions"][-1]
 
 
