@@ -63,6 +63,20 @@ class _Pool:
         return buf
 
 
+class _SplitRotation:
+    """A fused rotation whose encode and decode may come from different kernel families."""
+
+    def __init__(self, enc: Any, dec: Any) -> None:
+        self.encoder, self.decoder = enc, dec
+        self.kinds = (type(enc).__name__, type(dec).__name__)
+
+    def encode(self, *args: Any) -> None:
+        self.encoder.encode(*args)
+
+    def decode(self, *args: Any) -> None:
+        self.decoder.decode(*args)
+
+
 class _DenseRotation:
     """Any orthogonal matrix, applied as one cuBLAS float32 product."""
 
@@ -122,17 +136,24 @@ class GpuBoundaryCodec(BoundaryCodec):
         groups = int(getattr(rotation, "groups", 1))
         q = int(getattr(rotation, "_q", 0) or 0)
         signs = getattr(rotation, "_scaled_signs", None)
-        # warp-shuffle kernels unless QUANTPIPE_GPU_ROTATION=tiled asks for the tiled ones (A/B benchmarks)
-        kinds = (_cuda.FastRotation, _cuda.TiledRotation)
-        if os.environ.get("QUANTPIPE_GPU_ROTATION", "warp") == "tiled":
-            kinds = kinds[::-1]
-        for kind in kinds:
-            if rotation.fast and signs is not None and q and kind.supports(rotation.channels, groups, q):
-                base = getattr(rotation, "_base", None)
-                base = np.ones((1, 1), np.float32) if base is None else base
-                fast = kind(rotation.channels, groups, q, signs, base)
-                fast.warmup(tuple(b for b in (self.table.bits if self.table is not None else ()) if b != 32))
-                return fast
+        # QUANTPIPE_GPU_ROTATION: "auto" (default), "warp" or "tiled" (A/B benchmarks). Measured on an H200
+        # (BENCHMARKS.md section 8): the tiled kernels decode faster at every shape and encode faster when
+        # a row has more than 32 butterfly groups; the warp kernels encode faster below that (C = 192).
+        if rotation.fast and signs is not None and q:
+            base = getattr(rotation, "_base", None)
+            base = np.ones((1, 1), np.float32) if base is None else base
+            bits = tuple(b for b in (self.table.bits if self.table is not None else ()) if b != 32)
+            mode = os.environ.get("QUANTPIPE_GPU_ROTATION", "auto")
+            warp = (_cuda.FastRotation(rotation.channels, groups, q, signs, base)
+                    if mode != "tiled" and _cuda.FastRotation.supports(rotation.channels, groups, q) else None)
+            tiled = (_cuda.TiledRotation(rotation.channels, groups, q, signs, base)
+                     if mode != "warp" and _cuda.TiledRotation.supports(rotation.channels, groups, q) else None)
+            if warp is not None or tiled is not None:
+                enc = warp if warp is not None and (tiled is None or groups <= 32) else tiled
+                dec = tiled if tiled is not None else warp
+                for k in {id(enc): enc, id(dec): dec}.values():
+                    k.warmup(bits)
+                return _SplitRotation(enc, dec)
         return _DenseRotation(self._cp, rotation.matrix)
 
     # ------------------------------------------------------------------------------ buffers
