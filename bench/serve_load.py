@@ -83,7 +83,8 @@ def _raw_request(model: str, x: np.ndarray):
 def _client(url: str, model: str, shape: tuple, threads: int, warm_s: float, seconds: float, kind: str, q) -> None:
     import http.client
 
-    import tritonclient.http as th
+    if kind == "tritonclient":
+        import tritonclient.http as th  # the official client (needs tritonclient[http]); raw needs only http.client
 
     start = time.monotonic()
     t0, t1 = start + warm_s, start + warm_s + seconds
