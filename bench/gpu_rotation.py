@@ -89,7 +89,7 @@ def main() -> int:
                 for r in (2, 4, 8, 16, 32):
                     for t in (64, 128, 256):
                         tr = _cuda.TiledRotation(c, rotation.groups, rotation._q, signs, base, tile_rows=r, threads=t)
-                        if tr._smem(r, c, tr.q, tr.groups, bits) <= tr.SMEM_LIMIT:
+                        if tr._smem(r, c, tr.q, tr.groups) <= tr.SMEM_LIMIT:
                             variants[f"tiled R{r} T{t}"] = tr
             nb = codec.encoded_nbytes(x_host.size, bits)
             ref_payload = ref_y = None
@@ -107,7 +107,7 @@ def main() -> int:
                 same_floats = int(np.count_nonzero(y_host.view(np.uint32) != ref_y.view(np.uint32)))
                 enc = timed(lambda i: v.encode(xs[i % nbuf].reshape(-1), bits, lo_d, inv_d, payload, nan), inner)
                 dec = timed(lambda i: v.decode(payload, bits, step_d, lo_d, y.reshape(-1)), inner)
-                launch = v.launch(shape[0] * shape[1], bits) if hasattr(v, "launch") else None
+                launch = v.launch(shape[0] * shape[1]) if hasattr(v, "launch") else None
                 row = {"shape": list(shape), "bits": bits, "variant": name, "copy_us": copy_s * 1e6,
                        "enc_us": enc * 1e6, "dec_us": dec * 1e6, "enc_x_copy": copy_s / enc, "dec_x_copy": copy_s / dec,
                        "bytes_differ_vs_first": same_bytes, "floats_differ_vs_first": same_floats,

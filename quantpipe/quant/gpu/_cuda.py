@@ -36,12 +36,16 @@ def _plain_module():
     return _cupy().RawModule(code=_SOURCE, options=_OPTIONS, name_expressions=names)
 
 
+def _base_constant(base_bytes: bytes, q: int) -> str:
+    """The Q x Q base matrix (+-1 entries, row-major) as the `c_base` constant of a rotated module."""
+    literal = ",".join(f"{v:.1f}f" for v in np.frombuffer(base_bytes, np.float32))
+    return f"__constant__ float c_base[{q * q}] = {{{literal}}};\n"
+
+
 @functools.cache
 def _rot_module(base_bytes: bytes, q: int, p: int):
     """The rotated kernels for base order ``q`` and ``p`` groups per lane; the base matrix is baked in."""
-    base = np.frombuffer(base_bytes, np.float32)
-    literal = ",".join(f"{v:.1f}f" for v in base)
-    prefix = f"#define QP_ROT\n#define Q {q}\n#define P {p}\n__constant__ float c_base[{q * q}] = {{{literal}}};\n"
+    prefix = f"#define QP_ROT\n#define Q {q}\n#define P {p}\n" + _base_constant(base_bytes, q)
     names = [f"enc_rot<{b}>" for b in QUANT_BITS] + [f"dec_rot<{b}>" for b in QUANT_BITS]
     return _cupy().RawModule(code=prefix + _SOURCE, options=_OPTIONS, name_expressions=names)
 
@@ -54,10 +58,7 @@ def _sm_count() -> int:
 @functools.cache
 def _tiled_module(base_bytes: bytes, q: int, log_g: int, srow: int):
     """The tiled rotated kernels for base order ``q`` and ``2**log_g`` groups; the base matrix is baked in."""
-    base = np.frombuffer(base_bytes, np.float32)
-    literal = ",".join(f"{v:.1f}f" for v in base)
-    prefix = (f"#define QP_TILED\n#define Q {q}\n#define LOG_G {log_g}\n#define SROW {srow}\n"
-              f"__constant__ float c_base[{q * q}] = {{{literal}}};\n")
+    prefix = f"#define QP_TILED\n#define Q {q}\n#define LOG_G {log_g}\n#define SROW {srow}\n" + _base_constant(base_bytes, q)
     names = [f"enc_tiled<{b}>" for b in QUANT_BITS] + [f"dec_tiled<{b}>" for b in QUANT_BITS]
     return _cupy().RawModule(code=prefix + _SOURCE, options=_OPTIONS, name_expressions=names)
 
@@ -156,7 +157,7 @@ class TiledRotation:
     def supports(channels: int, groups: int, q: int) -> bool:
         return (q % 4 == 0 and q <= 32 and groups >= 1 and groups & (groups - 1) == 0 and groups * q == channels
                 and channels % 8 == 0 and groups <= 128
-                and TiledRotation._smem(2, channels, q, groups, 16) <= TiledRotation.SMEM_LIMIT)
+                and TiledRotation._smem(2, channels, q, groups) <= TiledRotation.SMEM_LIMIT)
 
     @staticmethod
     def _srow(channels: int, q: int, groups: int) -> int:
@@ -166,7 +167,7 @@ class TiledRotation:
         return channels + (w - channels) % 32
 
     @staticmethod
-    def _smem(tile_rows: int, channels: int, q: int, groups: int, bits: int) -> int:
+    def _smem(tile_rows: int, channels: int, q: int, groups: int) -> int:
         return tile_rows * TiledRotation._srow(channels, q, groups) * 4
 
     def __init__(self, channels: int, groups: int, q: int, scaled_signs: np.ndarray, base: np.ndarray, *,
@@ -184,27 +185,27 @@ class TiledRotation:
             self.module.get_function(f"enc_tiled<{b}>")
             self.module.get_function(f"dec_tiled<{b}>")
 
-    def launch(self, rows: int, bits: int) -> tuple[int, int, int, int]:
-        """(grid, threads, tile rows, shared bytes) for a tensor of ``rows`` rows at ``bits``."""
+    def launch(self, rows: int) -> tuple[int, int, int, int]:
+        """(grid, threads, tile rows, shared bytes) for a tensor of ``rows`` rows."""
         r_max = max(2, min(self.TARGET_VALUES // self.channels, 64))
-        while r_max > 2 and self._smem(r_max, self.channels, self.q, self.groups, bits) > self.SMEM_LIMIT:
+        while r_max > 2 and self._smem(r_max, self.channels, self.q, self.groups) > self.SMEM_LIMIT:
             r_max -= 2
         # several tiles per SM when the tensor is small, so that loads of some overlap the work of others
         r = self.tile_rows or max(2, min(r_max, rows // (6 * _sm_count())))
         threads = self.threads or 128
         tiles = (rows + r - 1) // r
-        return max(1, min(tiles, _sm_count() * 16)), threads, r, self._smem(r, self.channels, self.q, self.groups, bits)
+        return max(1, min(tiles, _sm_count() * 16)), threads, r, self._smem(r, self.channels, self.q, self.groups)
 
     def encode(self, x: object, bits: int, lo: object, inv: object, out: object, nan_count: object) -> None:
         rows = int(x.size) // self.channels
-        grid, threads, r, smem = self.launch(rows, bits)
+        grid, threads, r, smem = self.launch(rows)
         self.module.get_function(f"enc_tiled<{bits}>")(
             (grid,), (threads,), (x, np.int64(rows), np.int32(r), self.signs, lo, inv, np.int32(lo.size > 1), out,
                                   np.int64(out.size), nan_count), shared_mem=smem)
 
     def decode(self, payload: object, bits: int, step: object, lo: object, y: object) -> None:
         rows = int(y.size) // self.channels
-        grid, threads, r, smem = self.launch(rows, bits)
+        grid, threads, r, smem = self.launch(rows)
         self.module.get_function(f"dec_tiled<{bits}>")(
             (grid,), (threads,), (payload, np.int64(rows), np.int32(r), self.signs, step, lo, np.int32(lo.size > 1),
                                   np.int64(payload.size), y), shared_mem=smem)

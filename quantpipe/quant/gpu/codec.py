@@ -68,7 +68,6 @@ class _SplitRotation:
 
     def __init__(self, enc: Any, dec: Any) -> None:
         self.encoder, self.decoder = enc, dec
-        self.kinds = (type(enc).__name__, type(dec).__name__)
 
     def encode(self, *args: Any) -> None:
         self.encoder.encode(*args)

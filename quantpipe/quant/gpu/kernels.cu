@@ -468,6 +468,31 @@ __global__ void __launch_bounds__(32 * WARPS) dec_rot(const u8 *__restrict__ in,
 #define FB (1 << FIRST_BITS)
 #define UNIT ((Q % 8) == 0 ? 1 : 2)  // groups per encode item, so that it starts on a group of 8 codes
 
+// The butterfly stages over M values in registers, ascending (stage h pairs m with m | h: top u + v,
+// bottom u - v); on float4 values, the same for each component.
+__device__ __forceinline__ float bf_add(float u, float v) { return __fadd_rn(u, v); }
+__device__ __forceinline__ float bf_sub(float u, float v) { return __fsub_rn(u, v); }
+__device__ __forceinline__ float4 bf_add(float4 u, float4 v) {
+    return make_float4(__fadd_rn(u.x, v.x), __fadd_rn(u.y, v.y), __fadd_rn(u.z, v.z), __fadd_rn(u.w, v.w));
+}
+__device__ __forceinline__ float4 bf_sub(float4 u, float4 v) {
+    return make_float4(__fsub_rn(u.x, v.x), __fsub_rn(u.y, v.y), __fsub_rn(u.z, v.z), __fsub_rn(u.w, v.w));
+}
+
+template <typename T, int M>
+__device__ __forceinline__ void butterfly_regs(T (&t)[M]) {
+#pragma unroll
+    for (int h = 1; h < M; h <<= 1) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            if (m & h) continue;
+            const T u = t[m], v = t[m | h];
+            t[m] = bf_add(u, v);
+            t[m | h] = bf_sub(u, v);
+        }
+    }
+}
+
 // Butterfly stages of group-index bits [A, A + K), ascending, over the tile's `rows` rows.
 template <int A, int K>
 __device__ __forceinline__ void tiled_wht(float *__restrict__ tile, int rows) {
@@ -482,32 +507,9 @@ __device__ __forceinline__ void tiled_wht(float *__restrict__ tile, int rows) {
         float t[M];
 #pragma unroll
         for (int m = 0; m < M; ++m) t[m] = base[(m << A) * Q];
-#pragma unroll
-        for (int h = 1; h < M; h <<= 1) {
-#pragma unroll
-            for (int m = 0; m < M; ++m) {
-                if (m & h) continue;
-                const float u = t[m], v = t[m | h];
-                t[m] = __fadd_rn(u, v);
-                t[m | h] = __fsub_rn(u, v);
-            }
-        }
+        butterfly_regs(t);
 #pragma unroll
         for (int m = 0; m < M; ++m) base[(m << A) * Q] = t[m];
-    }
-}
-
-// The stages of the low FIRST_BITS group bits over FB adjacent groups' values (one component).
-__device__ __forceinline__ void low_stages(float (&t)[FB]) {
-#pragma unroll
-    for (int h = 1; h < FB; h <<= 1) {
-#pragma unroll
-        for (int m = 0; m < FB; ++m) {
-            if (m & h) continue;
-            const float u = t[m], v = t[m | h];
-            t[m] = __fadd_rn(u, v);
-            t[m | h] = __fsub_rn(u, v);
-        }
     }
 }
 
@@ -515,6 +517,15 @@ __device__ __forceinline__ float4 table4(const float *__restrict__ a, int c, int
     if (per_channel) return __ldg(reinterpret_cast<const float4 *>(a + c));
     const float v = __ldg(a);
     return make_float4(v, v, v, v);
+}
+
+// The Q values of one group from the tile (16-byte aligned), as float4 loads.
+__device__ __forceinline__ void load_group_values(const float *__restrict__ p, float (&t)[Q]) {
+#pragma unroll
+    for (int i = 0; i < Q; i += 4) {
+        const float4 a = *reinterpret_cast<const float4 *>(p + i);
+        t[i] = a.x; t[i + 1] = a.y; t[i + 2] = a.z; t[i + 3] = a.w;
+    }
 }
 
 __device__ __forceinline__ float4 mul4(float4 a, float4 b) {
@@ -544,29 +555,7 @@ __global__ void enc_tiled(const float *__restrict__ x, long long rows, int R, co
             for (int m = 0; m < FB; ++m)
                 a[m] = mul4(*reinterpret_cast<const float4 *>(src + row * TC + c0 + m * Q),
                             __ldg(reinterpret_cast<const float4 *>(ssign + c0 + m * Q)));
-            if (FB > 1) {
-                float t[FB];
-#pragma unroll
-                for (int m = 0; m < FB; ++m) t[m] = a[m].x;
-                low_stages(t);
-#pragma unroll
-                for (int m = 0; m < FB; ++m) a[m].x = t[m];
-#pragma unroll
-                for (int m = 0; m < FB; ++m) t[m] = a[m].y;
-                low_stages(t);
-#pragma unroll
-                for (int m = 0; m < FB; ++m) a[m].y = t[m];
-#pragma unroll
-                for (int m = 0; m < FB; ++m) t[m] = a[m].z;
-                low_stages(t);
-#pragma unroll
-                for (int m = 0; m < FB; ++m) a[m].z = t[m];
-#pragma unroll
-                for (int m = 0; m < FB; ++m) t[m] = a[m].w;
-                low_stages(t);
-#pragma unroll
-                for (int m = 0; m < FB; ++m) a[m].w = t[m];
-            }
+            butterfly_regs(a);  // the low group bits (FB adjacent groups), each component
 #pragma unroll
             for (int m = 0; m < FB; ++m) *reinterpret_cast<float4 *>(tile + row * SROW + c0 + m * Q) = a[m];
         }
@@ -585,11 +574,7 @@ __global__ void enc_tiled(const float *__restrict__ x, long long rows, int R, co
                 const int g = u * UNIT + s;
                 const float *p = tile + row * SROW + g * Q;
                 float t[Q];
-#pragma unroll
-                for (int i = 0; i < Q; i += 4) {
-                    const float4 a = *reinterpret_cast<const float4 *>(p + i);
-                    t[i] = a.x; t[i + 1] = a.y; t[i + 2] = a.z; t[i + 3] = a.w;
-                }
+                load_group_values(p, t);
 #pragma unroll
                 for (int j0 = 0; j0 < Q; j0 += 4) {
                     const float4 l4 = table4(lo, g * Q + j0, per_channel), i4 = table4(inv, g * Q + j0, per_channel);
@@ -651,11 +636,7 @@ __global__ void dec_tiled(const u8 *__restrict__ in, long long rows, int R, cons
 #pragma unroll
             for (int m = 0; m < FB; ++m) {
                 float v[Q];
-#pragma unroll
-                for (int i = 0; i < Q; i += 4) {
-                    const float4 a = *reinterpret_cast<const float4 *>(p + m * Q + i);
-                    v[i] = a.x; v[i + 1] = a.y; v[i + 2] = a.z; v[i + 3] = a.w;
-                }
+                load_group_values(p + m * Q, v);
 #pragma unroll
                 for (int j = 0; j < Q; ++j) {
                     float acc = __fmul_rn(v[0], c_base[j * Q]);
@@ -664,16 +645,14 @@ __global__ void dec_tiled(const u8 *__restrict__ in, long long rows, int R, cons
                     r[m][j] = acc;
                 }
             }
-            if (FB > 1) {
 #pragma unroll
-                for (int j = 0; j < Q; ++j) {
-                    float t[FB];
+            for (int j = 0; j < Q; ++j) {  // the low group bits (FB adjacent groups)
+                float t[FB];
 #pragma unroll
-                    for (int m = 0; m < FB; ++m) t[m] = r[m][j];
-                    low_stages(t);
+                for (int m = 0; m < FB; ++m) t[m] = r[m][j];
+                butterfly_regs(t);
 #pragma unroll
-                    for (int m = 0; m < FB; ++m) r[m][j] = t[m];
-                }
+                for (int m = 0; m < FB; ++m) r[m][j] = t[m];
             }
 #pragma unroll
             for (int m = 0; m < FB; ++m)
