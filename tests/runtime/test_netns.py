@@ -149,6 +149,12 @@ def test_output_rate_is_back_within_two_windows_after_8x_and_20x_drops(netns_pre
     for a in summary["adaptation"]:
         print(f"step {a['step_s']:g} s: back after {a['settle_s']} s = {a['settled_after_windows']} window(s), "
               f"{a['changes_after_settling']} change(s) after; bits {a['decisions']}")
+    windows = [e for e in read_jsonl(tmp_path / "out" / "events-stage0.jsonl") if e.get("event") == "window"]
+    t_start = json.loads((tmp_path / "out" / "source-started.json").read_text())["t"]
+    trace = "\n".join(f"t={e['t'] - t_start:7.2f} s {e['bits']:>2} -> {e['next_bits']:>2} bits: "
+                      f"{e['bandwidth_Bps'] * 8e-6:6.2f} Mbit/s over {e['busy_s']:.3f} s busy, ratio {e['ratio']:.3f}"
+                      f"{' (upper bound)' if e.get('upper_bound') else ''}" for e in windows)
+    print(trace)  # on a failure, the windows that led to it
     previous = None
     for a in summary["adaptation"]:
         # The 2-window target is a speed figure, measured by bench/adaptation.py (BENCHMARKS.md); on two
