@@ -40,6 +40,18 @@ times the estimate) nothing is urgent, the output keeps up already, and a few sm
 under-measure a fast TCP link, so the window is not closed but *restarted* from the later of the two
 frames (the earlier one may have straddled the step): it closes after N acks measured on the new link
 alone, and the policy widens in one step instead of through a blended intermediate rung.
+
+**One stalled frame does not halve a window.** A paced sender leaves the link idle between frames, so
+most frames go out *isolated* (nothing else outstanding) and the time from their send to their ack is
+theirs alone: their bytes over that time are a lower bound of the link's rate, and every delay (a TCP
+retransmission timeout, a scheduler stall at either end) only lengthens it. When a window closes
+normally and holds at least ``MIN_ISOLATED`` isolated frames of one bitwidth, each of them is charged at
+most ``stall_factor`` times the median per-byte time of those frames; the excess is reported as
+:attr:`WindowStats.stall_s` and left out of the bandwidth. One 200 ms retransmission in a window of ten
+30 ms frames would otherwise measure the link 40 % slow and keep the policy a rung too narrow for a
+whole window (issue 12: a 4 -> 16 -> 32 rise on a link that carried 32 bits). Frames sent back to back
+(a saturated link) are never clamped: their times overlap and are what the link gives, and a link that
+got slower for most of a window moves the median itself.
 """
 
 from __future__ import annotations
@@ -66,6 +78,7 @@ class WindowStats:
         closed_early: the window was cut short by a step of the link (see the module docstring).
         upper_bound: ``bandwidth`` is only an upper bound of the link's new rate: a collapse was seen on
             frames that may have begun crossing the link before it. The next window measures it.
+        stall_s: busy seconds left out of ``bandwidth`` as stalls of isolated frames (module docstring).
     """
 
     microbatches: int
@@ -77,11 +90,13 @@ class WindowStats:
     bits: int
     closed_early: bool = False
     upper_bound: bool = False
+    stall_s: float = 0.0
 
     @property
     def bandwidth(self) -> float:
-        """Bytes per second the link delivered while it was busy (0 when nothing was measured)."""
-        return self.bytes / self.busy_s if self.busy_s > 0 else 0.0
+        """Bytes per second the link delivered while it was busy, stalls excluded (0 when nothing was measured)."""
+        busy = self.busy_s - self.stall_s
+        return self.bytes / busy if busy > 0 else 0.0
 
     @property
     def output_rate(self) -> float:
@@ -99,6 +114,28 @@ class _Frame(NamedTuple):
     bits: int
 
 
+MIN_ISOLATED = 3  # isolated frames of one bitwidth a window needs before any of them is judged stalled
+
+
+def _stall_excess(isolated: list[tuple[int, float, int]], factor: float) -> float:
+    """Seconds by which isolated frames ``(nbytes, carried, bits)`` exceed ``factor`` x the median
+    per-byte time of the window's isolated frames of their bitwidth (groups smaller than MIN_ISOLATED
+    are left alone: too few to tell a stall from the link)."""
+    by_bits: dict[int, list[tuple[int, float]]] = {}
+    for nbytes, carried, bits in isolated:
+        if nbytes > 0:
+            by_bits.setdefault(bits, []).append((nbytes, carried))
+    excess = 0.0
+    for frames in by_bits.values():
+        if len(frames) < MIN_ISOLATED:
+            continue
+        per_byte = sorted(c / n for n, c in frames)
+        mid = len(per_byte) // 2
+        median = per_byte[mid] if len(per_byte) % 2 else 0.5 * (per_byte[mid - 1] + per_byte[mid])
+        excess += sum(max(0.0, c - factor * median * n) for n, c in frames)
+    return excess
+
+
 class BandwidthEstimator:
     """Accumulates sends and acks of one link and closes a :class:`WindowStats` every ``window`` acks.
 
@@ -113,24 +150,30 @@ class BandwidthEstimator:
         collapse_factor: close the window early when the frames' delivery rate is below this fraction
             of the last window's estimate, or above its inverse (0: never; see the module docstring).
         min_frame_s: frames are evidence of a collapse only if the link carried them this long.
+        stall_factor: an isolated frame is charged at most this many times its window's median per-byte
+            time (0: never clamp; see the module docstring).
     """
 
     def __init__(self, window: int, max_window_s: float | None = None, collapse_factor: float = 0.5,
-                 min_frame_s: float = 0.1) -> None:
+                 min_frame_s: float = 0.1, stall_factor: float = 1.5) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1 microbatch, got {window}")
         if max_window_s is not None and not max_window_s > 0:
             raise ValueError(f"max_window_s must be > 0, got {max_window_s}")
         if not 0 <= collapse_factor < 1:
             raise ValueError(f"collapse_factor must be in [0, 1), got {collapse_factor}")
+        if stall_factor != 0 and not stall_factor >= 1:
+            raise ValueError(f"stall_factor must be 0 (off) or >= 1, got {stall_factor}")
         self.window = window
         self.max_window_s = max_window_s
         self.collapse_factor = collapse_factor
         self.min_frame_s = min_frame_s
+        self.stall_factor = stall_factor
         self._outstanding = 0
         self._busy_since: float | None = None
         self._last_estimate = 0.0
-        self._sent_at: collections.deque[float] = collections.deque()  # first sends not yet acked, in order
+        # first sends not yet acked, in order, and whether each went out with nothing else outstanding
+        self._sent_at: collections.deque[tuple[float, bool]] = collections.deque()
         self._last_ack: float | None = None
         self._recent: collections.deque[_Frame] = collections.deque(maxlen=2)  # the last two frames
         self.early_closes = 0
@@ -146,6 +189,7 @@ class BandwidthEstimator:
         self._bytes = 0
         self._fp32 = 0
         self._bytes_by_bits: dict[int, int] = {}
+        self._isolated: list[tuple[int, float, int]] = []  # (nbytes, send-to-ack seconds, bits)
         if self._busy_since is not None and now is not None:
             self._busy_since = now  # busy time carried over is counted in the new window
 
@@ -163,10 +207,11 @@ class BandwidthEstimator:
         """A frame entered the link (first transmission; resends do not open new busy time)."""
         if self._start is None:
             self._start = now
-        if self._outstanding == 0:
+        isolated = self._outstanding == 0
+        if isolated:
             self._busy_since = now
         self._outstanding += 1
-        self._sent_at.append(now)
+        self._sent_at.append((now, isolated))
 
     def on_ack(self, now: float, nbytes: int, images: int, bits: int, fp32_bytes: int) -> WindowStats | None:
         """A frame of ``nbytes`` carrying ``images`` at ``bits`` was acknowledged.
@@ -176,7 +221,7 @@ class BandwidthEstimator:
         if self._outstanding <= 0:
             raise RuntimeError("ack without an outstanding send: the link layer double-counted")
         self._outstanding -= 1
-        sent = self._sent_at.popleft() if self._sent_at else now
+        sent, isolated = self._sent_at.popleft() if self._sent_at else (now, False)
         # Delivery rate of this frame: the link carried it from when it went out or, if the link was
         # still busy with the previous one then, from that one's ack.
         carried = now - max(sent, self._last_ack if self._last_ack is not None else sent)
@@ -190,6 +235,8 @@ class BandwidthEstimator:
         self._bytes += nbytes
         self._fp32 += fp32_bytes
         self._bytes_by_bits[bits] = self._bytes_by_bits.get(bits, 0) + nbytes
+        if isolated:  # its send-to-ack time, counted from the window's start if it began in the last one
+            self._isolated.append((nbytes, now - max(sent, self._start if self._start is not None else sent), bits))
         busy = self._busy + (now - self._busy_since if self._busy_since is not None else 0.0)
         # After an upper bound, every frame acked was carried after the collapse was seen: measure it as
         # soon as the link carried them long enough, without waiting for N of them (nor for another halving).
@@ -206,6 +253,7 @@ class BandwidthEstimator:
             busy_s=busy, elapsed_s=now - (self._start if self._start is not None else now),
             bits=max(self._bytes_by_bits, key=self._bytes_by_bits.__getitem__),
             closed_early=confirmed and self._mb < self.window,
+            stall_s=_stall_excess(self._isolated, self.stall_factor) if self.stall_factor else 0.0,
         )
         if stats.closed_early:
             self.early_closes += 1

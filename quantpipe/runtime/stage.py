@@ -298,7 +298,7 @@ class StageDaemon:
             record = {"event": "window", "bits": stats.bits, "next_bits": self.bits,
                       "bandwidth_Bps": stats.bandwidth, "ratio": getattr(self.policy, "last_ratio", None),
                       "images": stats.images, "bytes": stats.bytes, "busy_s": stats.busy_s,
-                      "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate,
+                      "stall_s": stats.stall_s, "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate,
                       "closed_early": getattr(stats, "closed_early", False),
                       "upper_bound": getattr(stats, "upper_bound", False)}
             if self.bits != previous:
