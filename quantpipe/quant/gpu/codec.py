@@ -63,19 +63,6 @@ class _Pool:
         return buf
 
 
-class _SplitRotation:
-    """A fused rotation whose encode and decode may come from different kernel families."""
-
-    def __init__(self, enc: Any, dec: Any) -> None:
-        self.encoder, self.decoder = enc, dec
-
-    def encode(self, *args: Any) -> None:
-        self.encoder.encode(*args)
-
-    def decode(self, *args: Any) -> None:
-        self.decoder.decode(*args)
-
-
 class _DenseRotation:
     """Any orthogonal matrix, applied as one cuBLAS float32 product."""
 
@@ -136,23 +123,23 @@ class GpuBoundaryCodec(BoundaryCodec):
         q = int(getattr(rotation, "_q", 0) or 0)
         signs = getattr(rotation, "_scaled_signs", None)
         # QUANTPIPE_GPU_ROTATION: "auto" (default), "warp" or "tiled" (A/B benchmarks). Measured on an H200
-        # (BENCHMARKS.md section 8): the tiled kernels decode faster at every shape and encode faster when
-        # a row has more than 32 butterfly groups; the warp kernels encode faster below that (C = 192).
+        # (BENCHMARKS.md section 8): the tiled kernels encode and decode faster at every shape measured
+        # since the encoder's base pass works on (unit, part) items; the warp kernels remain for widths the
+        # tiled ones do not support (their tile must fit in shared memory).
         if rotation.fast and signs is not None and q:
             base = getattr(rotation, "_base", None)
             base = np.ones((1, 1), np.float32) if base is None else base
             bits = tuple(b for b in (self.table.bits if self.table is not None else ()) if b != 32)
             mode = os.environ.get("QUANTPIPE_GPU_ROTATION", "auto")
-            warp = (_cuda.FastRotation(rotation.channels, groups, q, signs, base)
-                    if mode != "tiled" and _cuda.FastRotation.supports(rotation.channels, groups, q) else None)
             tiled = (_cuda.TiledRotation(rotation.channels, groups, q, signs, base)
                      if mode != "warp" and _cuda.TiledRotation.supports(rotation.channels, groups, q) else None)
-            if warp is not None or tiled is not None:
-                enc = warp if warp is not None and (tiled is None or groups <= 32) else tiled
-                dec = tiled if tiled is not None else warp
-                for k in {id(enc): enc, id(dec): dec}.values():
-                    k.warmup(bits)
-                return _SplitRotation(enc, dec)
+            warp = (_cuda.FastRotation(rotation.channels, groups, q, signs, base)
+                    if tiled is None and mode != "tiled" and _cuda.FastRotation.supports(rotation.channels, groups, q)
+                    else None)
+            kernels = tiled if tiled is not None else warp
+            if kernels is not None:
+                kernels.warmup(bits)
+                return kernels
         return _DenseRotation(self._cp, rotation.matrix)
 
     # ------------------------------------------------------------------------------ buffers

@@ -467,6 +467,8 @@ __global__ void __launch_bounds__(32 * WARPS) dec_rot(const u8 *__restrict__ in,
 #define FIRST_BITS (LOG_G - LAST_BITS)
 #define FB (1 << FIRST_BITS)
 #define UNIT ((Q % 8) == 0 ? 1 : 2)  // groups per encode item, so that it starts on a group of 8 codes
+#define S8 (UNIT * Q / 8)  // groups of 8 codes per encode unit (1 to 7)
+#define LU (FB >= 4 ? 1 : 4 / FB)  // load items in flight per thread (float4 loads: LU * FB)
 
 // The butterfly stages over M values in registers, ascending (stage h pairs m with m | h: top u + v,
 // bottom u - v); on float4 values, the same for each component.
@@ -532,6 +534,35 @@ __device__ __forceinline__ float4 mul4(float4 a, float4 b) {
     return make_float4(__fmul_rn(a.x, b.x), __fmul_rn(a.y, b.y), __fmul_rn(a.z, b.z), __fmul_rn(a.w, b.w));
 }
 
+// One group of 8 codes of an encode unit (UNIT groups starting at tile pointer p, channel c0): outputs
+// v = 8 * S .. 8 * S + 7 of the unit, each the base product of its group (the 1 or 2 groups those
+// outputs lie in are read from the tile), quantized and stored as packed group g8. S is a template
+// argument so that every index below is a compile-time constant; S >= S8 (no such part) does nothing.
+template <int B, int S>
+__device__ __forceinline__ void enc_part(const float *__restrict__ p, int c0, const float *__restrict__ lo,
+                                         const float *__restrict__ inv, int per_channel, u8 *__restrict__ out,
+                                         long long g8, int keep, u32 &nans) {
+    if (S >= S8) return;
+    constexpr int G_LO = (8 * S) / Q, G_HI = (8 * S + 7) / Q;
+    float t[2][Q];
+#pragma unroll
+    for (int g = G_LO; g <= G_HI; ++g) load_group_values(p + g * Q, t[g - G_LO]);
+    const float4 l0 = table4(lo, c0 + 8 * S, per_channel), l1 = table4(lo, c0 + 8 * S + 4, per_channel);
+    const float4 i0 = table4(inv, c0 + 8 * S, per_channel), i1 = table4(inv, c0 + 8 * S + 4, per_channel);
+    const float ls[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+    const float is[8] = {i0.x, i0.y, i0.z, i0.w, i1.x, i1.y, i1.z, i1.w};
+    u32 q[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int v = 8 * S + i, g = v / Q - G_LO, j = v % Q;
+        float acc = __fmul_rn(t[g][0], c_base[j]);
+#pragma unroll
+        for (int k = 1; k < Q; ++k) acc = __fmaf_rn(t[g][k], c_base[k * Q + j], acc);
+        q[i] = quantize1<B>(acc, ls[i], is[i], nans);
+    }
+    store_group<B>(out, g8, q, keep);
+}
+
 template <int B>
 __global__ void enc_tiled(const float *__restrict__ x, long long rows, int R, const float *__restrict__ ssign,
                           const float *__restrict__ lo, const float *__restrict__ inv, int per_channel,
@@ -544,58 +575,62 @@ __global__ void enc_tiled(const float *__restrict__ x, long long rows, int R, co
         const long long row0 = tl * R;
         const int nrows = (int)((rows - row0) < R ? (rows - row0) : R);
         const float *src = x + row0 * TC;
-        // load: item = (row, block of FB adjacent groups, float4 k of a group)
+        // load: item = (row, block of FB adjacent groups, float4 k of a group); each thread issues the
+        // loads of LU items before it uses any, so that a tile costs one global latency, not several
         constexpr int PER_ROW0 = (TG / FB) * (Q / 4);
-        for (int it = threadIdx.x; it < nrows * PER_ROW0; it += blockDim.x) {
-            const int row = it / PER_ROW0, w = it - row * PER_ROW0;
-            const int gb = w / (Q / 4), k = w - gb * (Q / 4);
-            const int c0 = gb * FB * Q + 4 * k;
-            float4 a[FB];
+        const int n0 = nrows * PER_ROW0;
+        for (int it0 = threadIdx.x; it0 < n0; it0 += LU * blockDim.x) {
+            float4 a[LU][FB];
 #pragma unroll
-            for (int m = 0; m < FB; ++m)
-                a[m] = mul4(*reinterpret_cast<const float4 *>(src + row * TC + c0 + m * Q),
-                            __ldg(reinterpret_cast<const float4 *>(ssign + c0 + m * Q)));
-            butterfly_regs(a);  // the low group bits (FB adjacent groups), each component
+            for (int l = 0; l < LU; ++l) {
+                const int it = it0 + l * blockDim.x;
+                if (it >= n0) continue;
+                const int row = it / PER_ROW0, w = it - row * PER_ROW0;
+                const int gb = w / (Q / 4), k = w - gb * (Q / 4);
 #pragma unroll
-            for (int m = 0; m < FB; ++m) *reinterpret_cast<float4 *>(tile + row * SROW + c0 + m * Q) = a[m];
+                for (int m = 0; m < FB; ++m)
+                    a[l][m] = *reinterpret_cast<const float4 *>(src + row * TC + gb * FB * Q + 4 * k + m * Q);
+            }
+#pragma unroll
+            for (int l = 0; l < LU; ++l) {
+                const int it = it0 + l * blockDim.x;
+                if (it >= n0) continue;
+                const int row = it / PER_ROW0, w = it - row * PER_ROW0;
+                const int gb = w / (Q / 4), k = w - gb * (Q / 4);
+                const int c0 = gb * FB * Q + 4 * k;
+#pragma unroll
+                for (int m = 0; m < FB; ++m) a[l][m] = mul4(a[l][m], __ldg(reinterpret_cast<const float4 *>(ssign + c0 + m * Q)));
+                butterfly_regs(a[l]);  // the low group bits (FB adjacent groups), each component
+#pragma unroll
+                for (int m = 0; m < FB; ++m) *reinterpret_cast<float4 *>(tile + row * SROW + c0 + m * Q) = a[l][m];
+            }
         }
         __syncthreads();
         if (LAST_BITS > 0) {
             tiled_wht<FIRST_BITS, (LAST_BITS > 0 ? LAST_BITS : 1)>(tile, nrows);
             __syncthreads();
         }
-        // base + quantize + pack: item = (valid row, unit of UNIT groups = UNIT * Q / 8 groups of 8 codes)
+        // base + quantize + pack: item = (unit of UNIT groups, s-th group of 8 codes of it). The 32 lanes
+        // of a warp take 32 units and the same s, so that s is uniform and enc_part's indices constant.
         constexpr int PER_ROW2 = TG / UNIT;
-        for (int it = threadIdx.x; it < nrows * PER_ROW2; it += blockDim.x) {
-            const int row = it / PER_ROW2, u = it - row * PER_ROW2;
-            u32 codes[UNIT * Q];
-#pragma unroll
-            for (int s = 0; s < UNIT; ++s) {
-                const int g = u * UNIT + s;
-                const float *p = tile + row * SROW + g * Q;
-                float t[Q];
-                load_group_values(p, t);
-#pragma unroll
-                for (int j0 = 0; j0 < Q; j0 += 4) {
-                    const float4 l4 = table4(lo, g * Q + j0, per_channel), i4 = table4(inv, g * Q + j0, per_channel);
-                    const float ls[4] = {l4.x, l4.y, l4.z, l4.w}, is[4] = {i4.x, i4.y, i4.z, i4.w};
-#pragma unroll
-                    for (int jj = 0; jj < 4; ++jj) {
-                        const int j = j0 + jj;
-                        float acc = __fmul_rn(t[0], c_base[j]);
-#pragma unroll
-                        for (int k = 1; k < Q; ++k) acc = __fmaf_rn(t[k], c_base[k * Q + j], acc);
-                        codes[s * Q + j] = quantize1<B>(acc, ls[jj], is[jj], nans);
-                    }
-                }
-            }
-            const long long g8 = ((row0 + row) * TC + (long long)u * UNIT * Q) / 8;
-#pragma unroll
-            for (int s = 0; s < UNIT * Q / 8; ++s) {
-                u32 q[8];
-#pragma unroll
-                for (int i = 0; i < 8; ++i) q[i] = codes[s * 8 + i];
-                store_group<B>(out, g8 + s, q, group_keep<B>(g8 + s, nbytes));
+        const int n_units = nrows * PER_ROW2;
+        const int n2 = ((n_units + 31) / 32) * 32 * S8;
+        for (int it = threadIdx.x; it < n2; it += blockDim.x) {
+            const int w = it >> 5, part = w % S8, unit = (w / S8) * 32 + (it & 31);
+            if (unit >= n_units) continue;
+            const int row = unit / PER_ROW2, u = unit - row * PER_ROW2;
+            const float *p = tile + row * SROW + u * UNIT * Q;
+            const int c0 = u * UNIT * Q;
+            const long long g8 = ((row0 + row) * TC + c0) / 8 + part;
+            const int keep = group_keep<B>(g8, nbytes);
+            switch (part) {  // parts past S8 - 1 compile to nothing
+                case 0: enc_part<B, 0>(p, c0, lo, inv, per_channel, out, g8, keep, nans); break;
+                case 1: enc_part<B, 1>(p, c0, lo, inv, per_channel, out, g8, keep, nans); break;
+                case 2: enc_part<B, 2>(p, c0, lo, inv, per_channel, out, g8, keep, nans); break;
+                case 3: enc_part<B, 3>(p, c0, lo, inv, per_channel, out, g8, keep, nans); break;
+                case 4: enc_part<B, 4>(p, c0, lo, inv, per_channel, out, g8, keep, nans); break;
+                case 5: enc_part<B, 5>(p, c0, lo, inv, per_channel, out, g8, keep, nans); break;
+                default: enc_part<B, 6>(p, c0, lo, inv, per_channel, out, g8, keep, nans); break;
             }
         }
         __syncthreads();
