@@ -171,8 +171,10 @@ class ServedModel:
         return ["input", "pixels", "image"] if self.preprocess is not None else ["input"]
 
     def _stack(self, images: list[Any]) -> np.ndarray:
-        x = np.stack([self.preprocess(im) for im in images])  # exactly calibration's transform
-        return self._normalized_to_hop(x)
+        # exactly calibration's transform; a uint8 first hop takes its pixels before normalization (the
+        # values that normalizing and undoing it would give back, without the float round trip)
+        px = np.stack([self.preprocess.pixels(im) for im in images])
+        return px if self.first_hop == "uint8" else self.preprocess.normalize(px)
 
     def _normalized_to_hop(self, x: np.ndarray) -> np.ndarray:
         if self.first_hop == "float32":
