@@ -9,7 +9,7 @@ Usage::
 
 For each pipeline it (1) runs ``quantpipe run --count N --rate 1e6`` (source -> stages -> sink, the
 pipeline's own rate), then (2) starts the same stage daemons and ``quantpipe serve`` as processes,
-and drives the server with the official ``tritonclient.http`` from client processes (threads in
+and drives the server with the official ``tritonclient.http`` (or, with ``--client grpc``, ``tritonclient.grpc``) from client processes (threads in
 each, one request = ``--images-per-request`` FP32 preprocessed images, binary tensors; ``--client raw``
 sends the same KServe v2 binary request prebuilt, over ``http.client``, so that the clients take little
 of the CPU the pipeline needs), measuring for
@@ -85,6 +85,8 @@ def _client(url: str, model: str, shape: tuple, threads: int, warm_s: float, sec
 
     if kind == "tritonclient":
         import tritonclient.http as th  # the official client (needs tritonclient[http]); raw needs only http.client
+    elif kind == "grpc":
+        import tritonclient.grpc as tg  # the official gRPC client (tritonclient[grpc]); url is the gRPC address
 
     start = time.monotonic()
     t0, t1 = start + warm_s, start + warm_s + seconds
@@ -102,6 +104,16 @@ def _client(url: str, model: str, shape: tuple, threads: int, warm_s: float, sec
 
             def call() -> None:
                 c.infer(model, [inp], outputs=out)
+        elif kind == "grpc":
+            c = tg.InferenceServerClient(url)
+            inp = tg.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            out = [tg.InferRequestedOutput("logits")]
+
+            def call() -> None:
+                r = c.infer(model, [inp], outputs=out, client_timeout=120)
+                if r.as_numpy("logits").shape != (shape[0], 1000):
+                    raise RuntimeError("wrong logits shape")
         else:
             host, port = url.rsplit(":", 1)
             c = http.client.HTTPConnection(host, int(port), timeout=120)
@@ -172,8 +184,9 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
     n = len(re.findall(r"^\[\[stages\]\]", config.read_text(), re.M))
     stages = [_cli("stage", "--config", str(config), "--stage", str(k), stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL) for k in range(n)]
-    port = _free_port()
-    server = _cli("serve", "--config", str(config), "--http", f"127.0.0.1:{port}", "--first-hop", first_hop,
+    port, grpc_port = _free_port(), _free_port()
+    grpc = ["--grpc", f"127.0.0.1:{grpc_port}"] if kind == "grpc" else []
+    server = _cli("serve", "--config", str(config), "--http", f"127.0.0.1:{port}", *grpc, "--first-hop", first_hop,
                   "--access-log-per-s", "0", "--max-queue-images", "4096", "--timeout", "120", "-q",
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"127.0.0.1:{port}"
@@ -192,7 +205,7 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
         model = json.loads(urllib.request.urlopen(f"http://{url}/v2/repository/index", data=b"").read())[0]["name"]
         for c in levels:
             b0, i0 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
-            row = load(url, model, shape, c, warm_s, seconds, kind)
+            row = load(f"127.0.0.1:{grpc_port}" if kind == "grpc" else url, model, shape, c, warm_s, seconds, kind)
             b1, i1 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
             row["first_hop_bytes_per_image"] = (b1 - b0) / max(1.0, i1 - i0)
             rows.append(row)
@@ -298,9 +311,10 @@ def main() -> int:
     ap.add_argument("--images-per-request", type=int, default=1)
     ap.add_argument("--first-hop", default="float32", help="comma list of float32, uint8 (DeiT-Tiny: uint8 runs "
                     "stage0.pixels.onnx, so the export needs --pixels-stage)")
-    ap.add_argument("--client", default="raw", choices=("raw", "tritonclient"),
+    ap.add_argument("--client", default="raw", choices=("raw", "tritonclient", "grpc"),
                     help="raw: prebuilt binary KServe v2 requests over http.client (the clients cost little, so "
-                    "the figures show the front's cost); tritonclient: the official client")
+                    "the figures show the front's cost); tritonclient: the official HTTP client; grpc: the official "
+                    "gRPC client against the server's --grpc endpoint (KServe v2 GRPCInferenceService)")
     ap.add_argument("--deit-seconds", type=float, default=0, help="measured seconds per level for DeiT-Tiny "
                     "(default 3 x --seconds)")
     ap.add_argument("--run-images", type=int, default=0, help="images for quantpipe run (default: ~5 s worth)")
