@@ -39,7 +39,7 @@ from quantpipe.runtime.link import LinkOptions, LinkReceiver, LinkSender, Messag
 from quantpipe.serve.batcher import RequestQueue, Segment
 from quantpipe.serve.protocol import InferError
 
-__all__ = ["Bridge", "SINK_STAGE", "pixel_frame"]
+__all__ = ["Bridge", "SINK_STAGE", "pixel_frame", "float_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,18 @@ def pixel_frame(x: np.ndarray, *, seq: int, first_id: int) -> list:
                                                range_kind=wire.RangeKind.INLINE, lo=0.0, hi=255.0,
                                                payload_len=x.nbytes))
     return [header, memoryview(x.reshape(-1))]
+
+
+def float_frame(x: np.ndarray, *, seq: int, first_id: int) -> list:
+    """float32 images as a 32-bit data message (payload = a view of the bytes).
+
+    Unlike :func:`quantpipe.wire.encode_frame` it does not scan for NaN: the service took only finite
+    images (FP32 inputs are checked on arrival, decoded images are finite by construction), and a
+    second pass over every microbatch in this one thread cost a fifth of its time at 2,000 images/s."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    header = wire.pack_header(wire.FrameHeader(seq=seq, first_id=first_id, shape=tuple(x.shape), bits=32,
+                                               range_kind=wire.RangeKind.NONE, payload_len=x.nbytes))
+    return [header, memoryview(x.reshape(-1).view(np.uint8))]
 
 
 @dataclass
@@ -181,7 +193,7 @@ class Bridge:
             if x.dtype == np.uint8:
                 frames, bits = pixel_frame(x, seq=seq, first_id=first), 8
             else:
-                frames, bits = wire.encode_frame(x, seq=seq, first_id=first, stage=wire.SOURCE_STAGE, bits=32), 32
+                frames, bits = float_frame(x, seq=seq, first_id=first), 32
             nbytes = sum(len(memoryview(f).cast("B")) for f in frames)
             self._inflight[seq] = _InFlight(first, len(x), segments, now)
             self.sender.send(frames + [wire.pack_trace(time.time())], seq=seq, images=len(x), bits=bits,

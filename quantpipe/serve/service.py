@@ -25,7 +25,7 @@ from quantpipe.serve.model import ServedModel
 from quantpipe.serve.observe import ServeMetrics
 from quantpipe.serve.protocol import InferError, InferRequest
 
-__all__ = ["ServeOptions", "InferenceService"]
+__all__ = ["ServeOptions", "InferenceService", "first_hop_images"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,19 @@ class ServeOptions:
         self.max_queue_delay_us = max_queue_delay_us
         self.decode_workers = decode_workers
         self.stall_s = stall_s
+
+
+async def first_hop_images(model: ServedModel, request: InferRequest, loop: asyncio.AbstractEventLoop,
+                           decoder: ThreadPoolExecutor) -> np.ndarray:
+    """The request's input as the first hop takes it (images decoded and resized in ``decoder``, off the
+    event loop), after checking that its outputs can be given; raises :class:`InferError`."""
+    t = request.inputs[0] if len(request.inputs) == 1 else None
+    if t is not None and model.needs_decoding(t):
+        images = await loop.run_in_executor(decoder, model.to_stage_input, request.inputs)
+    else:
+        images = model.to_stage_input(request.inputs)
+    model.check_outputs(request.outputs)
+    return images
 
 
 class InferenceService:
@@ -97,30 +110,47 @@ class InferenceService:
     async def infer(self, request: InferRequest) -> list[tuple[str, str, np.ndarray, bool]]:
         """Run one request through the pipeline: its outputs, or an :class:`InferError`."""
         assert self.loop is not None, "start() the service on its event loop first"
-        t = request.inputs[0] if len(request.inputs) == 1 else None
-        if t is not None and self.model.needs_decoding(t):
-            images = await self.loop.run_in_executor(self._decoder, self.model.to_stage_input, request.inputs)
-        else:
-            images = self.model.to_stage_input(request.inputs)
-        self.model.check_outputs(request.outputs)
+        images = await first_hop_images(self.model, request, self.loop, self._decoder)
+        y = await self.submit(images)
+        return self.model.outputs(y, request.outputs, request.binary_default)
+
+    async def submit(self, images: np.ndarray, requests: int = 1) -> np.ndarray:
+        """Images already in the first hop's form ``[N, *input_shape]`` through the pipeline: the last
+        stage's outputs ``[N, *output_shape]``, or an :class:`InferError` (queue full, timeout, a stage's
+        error)."""
+        r = self.submit_nowait(images, requests)
+        try:
+            return await r.future
+        except asyncio.CancelledError:  # the client went away: free its place in the queue
+            self.cancel(r)
+            raise
+
+    def submit_nowait(self, images: np.ndarray, requests: int = 1) -> Request:
+        """:meth:`submit` without a task: the queued :class:`Request`, whose future resolves to the outputs
+        or an :class:`InferError` (raised at once when the queue is full). The hub of the front worker
+        processes (:mod:`quantpipe.serve.workers`) uses it, with the client ``requests`` the images are
+        from (the in-flight gauge counts them)."""
+        assert self.loop is not None, "start() the service on its event loop first"
         r = Request(images, self.loop, self.options.timeout_s)
         self.queue.put(r)  # raises 503 at once when full
-        self._in_flight += 1
+        self._in_flight += requests
         self.metrics.in_flight.set(self._in_flight)
         self.metrics.queued.set(self.queue.waiting)
         timer = self.loop.call_at(self.loop.time() + self.options.timeout_s, self._expire, r)
-        try:
-            y = await r.future
-        except asyncio.CancelledError:  # the client went away: free its place in the queue
-            r.fail(InferError("client disconnected", 499, "cancelled"))
-            self.queue.withdraw(r)
-            raise
-        finally:
+
+        def finished(_: asyncio.Future) -> None:
             timer.cancel()
-            self._in_flight -= 1
+            self._in_flight -= requests
             self.metrics.in_flight.set(self._in_flight)
             self.metrics.queued.set(self.queue.waiting)
-        return self.model.outputs(y, request.outputs, request.binary_default)
+
+        r.future.add_done_callback(finished)
+        return r
+
+    def cancel(self, r: Request) -> None:
+        """The client of ``r`` went away: answer it (nobody listens) and free its place in the queue."""
+        r.fail(InferError("client disconnected", 499, "cancelled"))
+        self.queue.withdraw(r)
 
     def _expire(self, r: Request) -> None:
         waited = time.monotonic() - r.created

@@ -14,7 +14,7 @@ from quantpipe import wire
 from quantpipe.errors import ConfigError
 from quantpipe.quant.linkcodec import BoundaryCodec
 from quantpipe.serve.batcher import Request, RequestQueue
-from quantpipe.serve.bridge import pixel_frame
+from quantpipe.serve.bridge import float_frame, pixel_frame
 from quantpipe.serve.observe import AccessLog, read_token, token_matches
 from quantpipe.serve.protocol import InferError, elements_to_bytes, encode_http_response, parse_http_request
 
@@ -87,6 +87,15 @@ def test_uint8_first_hop_frame_decodes_to_the_exact_pixel_values():
     assert y.dtype == np.float32 and np.array_equal(y, x.astype(np.float32))
     _, y2 = wire.decode_frame([bytes(frames[0]), bytes(frames[1])])
     assert np.array_equal(y2, x.astype(np.float32))
+
+
+def test_float32_first_hop_frame_is_the_wire_modules_32_bit_frame_byte_for_byte():
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    ours = float_frame(x, seq=9, first_id=40)
+    ref = wire.encode_frame(x, seq=9, first_id=40, stage=wire.SOURCE_STAGE, bits=32)
+    assert [bytes(f) for f in ours] == [bytes(f) for f in ref]
+    _, y = wire.decode_frame([bytes(f) for f in ours])
+    assert np.array_equal(y, x)
 
 
 def test_http_body_parser_binary_json_and_bytes():
