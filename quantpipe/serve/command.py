@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 from typing import Any
 
@@ -60,17 +61,24 @@ class Server:
         options: :class:`~quantpipe.serve.service.ServeOptions`.
         max_body_bytes: largest HTTP body / gRPC message accepted.
         access_log_per_s: access log lines per second at most (0: none).
+        workers: front processes (1: the fronts run on this process's event loop; N > 1: N worker
+            processes share the ports and this process is the hub, :mod:`quantpipe.serve.workers`).
     """
 
     def __init__(self, cfg: PipelineConfig, *, http: tuple[str, int] | None = ("127.0.0.1", 8000),
                  grpc: tuple[str, int] | None = None, model_name: str = "", first_hop: str = "auto",
                  token: str | None = None, options: Any = None, max_body_bytes: int = 64 << 20,
-                 access_log_per_s: float = 10.0) -> None:
+                 access_log_per_s: float = 10.0, workers: int = 1) -> None:
         from quantpipe.serve.model import ServedModel
         from quantpipe.serve.service import ServeOptions
 
         if http is None and grpc is None:
             raise ConfigError("nothing to serve: give --http HOST:PORT and/or --grpc HOST:PORT")
+        if workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {workers}")
+        self.workers = workers
+        self.hub = None
+        self._reserved: list = []
         self.cfg = cfg
         self.model = ServedModel.from_config(cfg, model_name, first_hop)
         self.options = options or ServeOptions()
@@ -79,17 +87,53 @@ class Server:
         self.max_body_bytes = max_body_bytes
         self.access_log_per_s = access_log_per_s
         self.service = None
+        self.ctx = None
         self.http = self.grpc = None
         self.http_port = self.grpc_port = 0
         self._stop: asyncio.Event | None = None
 
     async def start(self) -> None:
-        from quantpipe.serve.observe import AccessLog
         from quantpipe.serve.service import InferenceService
 
         self.ctx = _context(self.cfg)
         self.service = InferenceService(self.cfg, self.model, self.options, self.ctx)
         self.service.start()
+        if self.workers > 1:
+            await self._start_workers()
+        else:
+            await self._start_fronts()
+        log.info("serving model '%s' (first hop %s, microbatch %d, queue %d images, delay %d us, timeout %g s)%s%s%s; "
+                 "stage 0 at %s, results on %s%s", self.model.name, self.model.first_hop, self.cfg.microbatch,
+                 self.service.queue.capacity, self.options.max_queue_delay_us, self.options.timeout_s,
+                 f"; HTTP on {self.http_addr[0]}:{self.http_port}" if self.http_addr else "",
+                 f"; gRPC on {self.grpc_addr[0]}:{self.grpc_port}" if self.grpc_addr else "",
+                 f"; {self.workers} front worker processes" if self.workers > 1 else "",
+                 self.cfg.stages[0].address, self.cfg.sink.address, "; bearer token required" if self.token else "")
+
+    async def _start_workers(self) -> None:
+        from quantpipe.serve.workers import Hub, WorkerSpec, reserve_port
+
+        addrs = {}
+        for what, addr in (("http", self.http_addr), ("grpc", self.grpc_addr)):
+            if addr is not None:
+                sock = reserve_port(*addr)
+                self._reserved.append(sock)
+                addrs[what] = (addr[0], sock.getsockname()[1])
+        self.http_port = addrs["http"][1] if "http" in addrs else 0
+        self.grpc_port = addrs["grpc"][1] if "grpc" in addrs else 0
+        spec = WorkerSpec(endpoint="", model=self.model, http=addrs.get("http"), grpc=addrs.get("grpc"),
+                          token=self.token, max_body_bytes=self.max_body_bytes,
+                          access_log_per_s=self.access_log_per_s, timeout_s=self.options.timeout_s,
+                          max_queue_delay_us=self.options.max_queue_delay_us,
+                          queue_capacity=self.service.queue.capacity, microbatch=self.cfg.microbatch,
+                          decode_workers=self.options.decode_workers, log_level=logging.getLogger().level,
+                          parent=os.getpid())
+        self.hub = Hub(self.service, spec, self.workers)
+        await self.hub.start()
+
+    async def _start_fronts(self) -> None:
+        from quantpipe.serve.observe import AccessLog
+
         access = AccessLog(logging.getLogger("quantpipe.serve.access"), self.access_log_per_s)
         if self.http_addr is not None:
             from quantpipe.serve.http_front import HttpFront
@@ -103,21 +147,20 @@ class Server:
             self.grpc = GrpcFront(self.service, *self.grpc_addr, token=self.token,
                                   max_message_bytes=self.max_body_bytes, access_log=access)
             self.grpc_port = await self.grpc.start()
-        log.info("serving model '%s' (first hop %s, microbatch %d, queue %d images, delay %d us, timeout %g s)%s%s; "
-                 "stage 0 at %s, results on %s%s", self.model.name, self.model.first_hop, self.cfg.microbatch,
-                 self.service.queue.capacity, self.options.max_queue_delay_us, self.options.timeout_s,
-                 f"; HTTP on {self.http_addr[0]}:{self.http_port}" if self.http else "",
-                 f"; gRPC on {self.grpc_addr[0]}:{self.grpc_port}" if self.grpc else "",
-                 self.cfg.stages[0].address, self.cfg.sink.address, "; bearer token required" if self.token else "")
 
     async def stop(self) -> None:
+        if self.hub is not None:
+            await self.hub.stop()
+        for sock in self._reserved:
+            sock.close()
         if self.http is not None:
             await self.http.stop()
         if self.grpc is not None:
             await self.grpc.stop()
         if self.service is not None:
             self.service.stop()
-        self.ctx.destroy(linger=0)
+        if self.ctx is not None:
+            self.ctx.destroy(linger=0)
 
     async def serve_forever(self) -> None:
         self._stop = asyncio.Event()
@@ -127,10 +170,10 @@ class Server:
                 loop.add_signal_handler(sig, self._stop.set)
             except (NotImplementedError, RuntimeError):  # not the main thread
                 pass
-        await self.start()
         try:
+            await self.start()
             await self._stop.wait()
-        finally:
+        finally:  # also after a failed start: no worker, thread or socket is left behind
             await self.stop()
 
 
@@ -162,7 +205,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="not ready while a microbatch has been in the pipeline this long (and 4x the slowest "
                         "seen): a stage between the ends is down (default 10 s)")
     parser.add_argument("--max-body-mb", type=float, default=64.0, help="largest request accepted, MB (413 above)")
-    parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding and resizing images")
+    parser.add_argument("--decode-workers", type=int, default=2, help="threads decoding and resizing images "
+                        "(per front worker)")
+    parser.add_argument("--workers", type=int, default=1, help="front processes sharing the HTTP/gRPC ports "
+                        "(SO_REUSEPORT); one Python process parses about 1,000 float32 224x224 images/s, so give "
+                        "more where the pipeline is faster than that (default 1: no worker processes)")
     parser.add_argument("--access-log-per-s", type=float, default=10.0,
                         help="access log lines per second at most (0: no access log)")
 
@@ -185,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
                     grpc=parse_hostport(args.grpc, "--grpc") if args.grpc else None,
                     model_name=args.model_name, first_hop=args.first_hop,
                     token=read_token(args.token_file) if args.token_file else None, options=options,
-                    max_body_bytes=int(args.max_body_mb * (1 << 20)), access_log_per_s=args.access_log_per_s)
+                    max_body_bytes=int(args.max_body_mb * (1 << 20)), access_log_per_s=args.access_log_per_s,
+                    workers=args.workers)
     log.info("config %s", json.dumps(cfg.to_dict(), sort_keys=True))
     try:
         asyncio.run(server.serve_forever())

@@ -190,12 +190,14 @@ class GrpcFront:
 
     def __init__(self, service: InferenceService, host: str = "127.0.0.1", port: int = 8001, *,
                  token: str | None = None, max_message_bytes: int = 64 << 20,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None, reuse_port: bool = False) -> None:
         self.service, self.host, self.port = service, host, port
         self.token = token
         self.access = access_log or AccessLog(log)
+        # SO_REUSEPORT only where asked (front workers share the port); else a taken port is an error
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                               ("grpc.max_send_message_length", max_message_bytes)])
+                                               ("grpc.max_send_message_length", max_message_bytes),
+                                               ("grpc.so_reuseport", int(reuse_port))])
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(_Servicer(self), self.server)
 
     async def start(self) -> int:

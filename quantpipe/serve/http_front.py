@@ -58,12 +58,14 @@ class HttpFront:
         max_body_bytes: largest request body accepted (413 above).
         access_log: the rate-limited access log.
         backlog: listen backlog (64 clients connecting at once must not be refused).
+        reuse_port: listen with ``SO_REUSEPORT`` (the front workers of ``serve --workers N`` share the port).
     """
 
     def __init__(self, service: InferenceService, host: str = "127.0.0.1", port: int = 8000, *,
                  token: str | None = None, max_body_bytes: int = 64 << 20, access_log: AccessLog | None = None,
-                 backlog: int = 1024) -> None:
+                 backlog: int = 1024, reuse_port: bool = False) -> None:
         self.service, self.host, self.port = service, host, port
+        self.reuse_port = reuse_port
         self.token = token
         self.max_body_bytes = max_body_bytes
         self.access = access_log or AccessLog(log)
@@ -86,7 +88,8 @@ class HttpFront:
         """Listen; returns the port."""
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, backlog=self.backlog, reuse_address=True,
+                           reuse_port=self.reuse_port or None)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the real one when 0 was asked for
         return self.port
@@ -151,7 +154,10 @@ class HttpFront:
         return web.json_response([{"name": self.service.model.name, "version": VERSION, "state": state}])
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.service.metrics.exposition(),
+        body = self.service.metrics.exposition()
+        if not isinstance(body, bytes):  # a front worker asks the hub, which holds the registry
+            body = await body
+        return web.Response(body=body,
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
