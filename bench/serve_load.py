@@ -6,6 +6,7 @@ Usage::
     python bench/serve_load.py                                   # builtin pipeline (tools/pipelines/serve-builtin.toml)
     python bench/serve_load.py --deit-stages out/deit-stages     # + DeiT-Tiny (tools/pipelines/serve-deit-tiny.toml)
     python bench/serve_load.py --concurrency 1,4,16,64 --seconds 5 --first-hop float32,uint8
+    python bench/serve_load.py --pipelines builtin --workers 1,8 --client-procs 6   # serve --workers N
 
 For each pipeline it (1) runs ``quantpipe run --count N --rate 1e6`` (source -> stages -> sink, the
 pipeline's own rate), then (2) starts the same stage daemons and ``quantpipe serve`` as processes,
@@ -64,11 +65,16 @@ def _cli(*args: str, **kw) -> subprocess.Popen:
 
 def run_rate(config: Path, count: int, out: Path) -> float:
     """``quantpipe run``'s output rate (images/s) for ``count`` images offered as fast as it takes them."""
+    m0, t0 = _machine_busy_s(), time.monotonic()
     p = _cli("run", "--config", str(config), "--count", str(count), "--rate", "1000000", "--out", str(out), "-q",
              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if p.wait(600) != 0:
         raise SystemExit(f"quantpipe run failed; see {out}/logs")
+    RUN_CORES.append((_machine_busy_s() - m0) / (time.monotonic() - t0))
     return float(json.loads((out / "summary.json").read_text())["output_rate"])
+
+
+RUN_CORES: list[float] = []  # cores busy on the whole machine during each quantpipe run (start-up included)
 
 
 def _raw_request(model: str, x: np.ndarray):
@@ -148,9 +154,9 @@ def _client(url: str, model: str, shape: tuple, threads: int, warm_s: float, sec
 
 
 def load(url: str, model: str, shape: tuple, concurrency: int, warm_s: float, seconds: float,
-         kind: str = "raw") -> dict:
+         kind: str = "raw", client_procs: int = 4) -> dict:
     """Drive the server at ``concurrency`` requests in flight; throughput and latency percentiles."""
-    procs_n = min(concurrency, 4)
+    procs_n = min(concurrency, client_procs)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     per = [concurrency // procs_n + (i < concurrency % procs_n) for i in range(procs_n)]
@@ -168,6 +174,36 @@ def load(url: str, model: str, shape: tuple, concurrency: int, warm_s: float, se
             "p99_ms": 1000 * float(np.percentile(lat, 99)) if len(lat) else float("nan")}
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc; 0 where unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all cores, /proc/stat; 0 where unreadable)."""
+    try:
+        v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
 def _metric(url: str, name: str) -> float:
     text = urllib.request.urlopen(f"http://{url}/metrics", timeout=10).read().decode()
     m = re.search(rf"^{name} (\S+)$", text, re.M)
@@ -175,7 +211,7 @@ def _metric(url: str, name: str) -> float:
 
 
 def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, warm_s: float,
-                 seconds: float, kind: str) -> list[dict]:
+                 seconds: float, kind: str, workers: int = 1, client_procs: int = 4) -> list[dict]:
     if first_hop == "uint8" and 'engine = "stage0.onnx"' in config.read_text():
         # an export: stage 0 runs its pixel-taking graph (export --pixels-stage), which takes the uint8 hop
         pixel_config = config.with_name(config.stem + "-pixels.toml")
@@ -188,6 +224,7 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
     grpc = ["--grpc", f"127.0.0.1:{grpc_port}"] if kind == "grpc" else []
     server = _cli("serve", "--config", str(config), "--http", f"127.0.0.1:{port}", *grpc, "--first-hop", first_hop,
                   "--access-log-per-s", "0", "--max-queue-images", "4096", "--timeout", "120", "-q",
+                  "--workers", str(workers),
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"127.0.0.1:{port}"
     rows = []
@@ -205,7 +242,15 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
         model = json.loads(urllib.request.urlopen(f"http://{url}/v2/repository/index", data=b"").read())[0]["name"]
         for c in levels:
             b0, i0 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
-            row = load(f"127.0.0.1:{grpc_port}" if kind == "grpc" else url, model, shape, c, warm_s, seconds, kind)
+            kids = _children(server.pid)
+            hub0, kids0, m0, t0 = _cpu_s(server.pid), sum(_cpu_s(k) for k in kids), _machine_busy_s(), time.monotonic()
+            row = load(f"127.0.0.1:{grpc_port}" if kind == "grpc" else url, model, shape, c, warm_s, seconds, kind,
+                       client_procs)
+            wall = time.monotonic() - t0  # warm-up and client start included: CPU shares, not exact costs
+            row["workers"] = workers
+            row["server_cpu"] = (_cpu_s(server.pid) - hub0) / wall  # cores busy in the server (the hub with workers)
+            row["workers_cpu"] = (sum(_cpu_s(k) for k in kids) - kids0) / wall  # cores busy in its children
+            row["machine_cpu"] = (_machine_busy_s() - m0) / wall  # clients, server, workers and stages together
             b1, i1 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
             row["first_hop_bytes_per_image"] = (b1 - b0) / max(1.0, i1 - i0)
             rows.append(row)
@@ -322,6 +367,9 @@ def main() -> int:
                     help="also measure DeiT-Tiny with the normalization folded into stage 0 (needs [export]; "
                     "images from --fold-images)")
     ap.add_argument("--fold-images", default=str(ROOT.parent / "shared/data/imagenet-dev"))
+    ap.add_argument("--workers", default="1", help="comma list of `quantpipe serve --workers` values to measure")
+    ap.add_argument("--client-procs", type=int, default=4, help="client processes driving the server (at most "
+                    "one per request in flight)")
     ap.add_argument("--json", default="", help="also write the rows here")
     args = ap.parse_args()
     levels = [int(v) for v in args.concurrency.split(",")]
@@ -353,16 +401,17 @@ def main() -> int:
             cfg = _config_on_free_ports(src, Path(tmp) / f"{name}.toml", stages_dir)
             count = args.run_images or (1600 if name == "builtin" else 240)
             rate = run_rate(cfg, count, Path(tmp) / f"run-{name}")
-            print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images; the ratios below are to this rate)")
-            print(f"{'first hop':>9} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4}")
+            print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images, {RUN_CORES[-1]:.1f} cores busy; "
+                  "the ratios below are to this rate)")
+            print(f"{'first hop':>9} {'workers':>7} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4} {'server cores':>12} {'worker cores':>12} {'all cores':>9}")
             seconds = args.seconds if name == "builtin" else (args.deit_seconds or 3 * args.seconds)
-            for hop in hops:
+            for hop, workers in [(h, int(w)) for h in hops for w in args.workers.split(",")]:
                 for r in serve_levels(cfg, hop, levels, (args.images_per_request, 3, 224, 224), args.warmup, seconds,
-                                      args.client):
+                                      args.client, workers, args.client_procs):
                     r.update(pipeline=name, first_hop=hop, run_images_per_s=rate, ratio=r["images_per_s"] / rate)
                     all_rows.append(r)
-                    print(f"{hop:>9} {r['concurrency']:>5} {r['images_per_s']:>8.1f} {r['ratio']:>6.0%} {r['p50_ms']:>8.1f} "
-                          f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4}")
+                    print(f"{hop:>9} {workers:>7} {r['concurrency']:>5} {r['images_per_s']:>8.1f} {r['ratio']:>6.0%} {r['p50_ms']:>8.1f} "
+                          f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4} {r['server_cpu']:>12.2f} {r['workers_cpu']:>12.2f} {r['machine_cpu']:>9.2f}")
             again = run_rate(cfg, count, Path(tmp) / f"run-{name}-again")
             print(f"{name}: quantpipe run again after the serve levels: {again:.1f} img/s (drift of the machine)")
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
