@@ -76,6 +76,8 @@ class Server:
             raise ConfigError("nothing to serve: give --http HOST:PORT and/or --grpc HOST:PORT")
         if workers < 1:
             raise ConfigError(f"--workers must be >= 1, got {workers}")
+        if http is not None and grpc is not None and http[1] and tuple(http) == tuple(grpc):
+            raise ConfigError(f"--http and --grpc both ask for {http[0]}:{http[1]}: give them different ports")
         self.workers = workers
         self.hub = None
         self._reserved: list = []
@@ -111,14 +113,14 @@ class Server:
                  self.cfg.stages[0].address, self.cfg.sink.address, "; bearer token required" if self.token else "")
 
     async def _start_workers(self) -> None:
-        from quantpipe.serve.workers import Hub, WorkerSpec, reserve_port
+        from quantpipe.serve.workers import Hub, PortHold, WorkerSpec
 
         addrs = {}
         for what, addr in (("http", self.http_addr), ("grpc", self.grpc_addr)):
             if addr is not None:
-                sock = reserve_port(*addr)
-                self._reserved.append(sock)
-                addrs[what] = (addr[0], sock.getsockname()[1])
+                hold = PortHold(*addr)
+                self._reserved.append(hold)
+                addrs[what] = (addr[0], hold.port)
         self.http_port = addrs["http"][1] if "http" in addrs else 0
         self.grpc_port = addrs["grpc"][1] if "grpc" in addrs else 0
         spec = WorkerSpec(endpoint="", model=self.model, http=addrs.get("http"), grpc=addrs.get("grpc"),
@@ -151,8 +153,8 @@ class Server:
     async def stop(self) -> None:
         if self.hub is not None:
             await self.hub.stop()
-        for sock in self._reserved:
-            sock.close()
+        for hold in self._reserved:
+            hold.close()
         if self.http is not None:
             await self.http.stop()
         if self.grpc is not None:

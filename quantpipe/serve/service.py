@@ -114,33 +114,32 @@ class InferenceService:
         y = await self.submit(images)
         return self.model.outputs(y, request.outputs, request.binary_default)
 
-    async def submit(self, images: np.ndarray, requests: int = 1) -> np.ndarray:
+    async def submit(self, images: np.ndarray) -> np.ndarray:
         """Images already in the first hop's form ``[N, *input_shape]`` through the pipeline: the last
         stage's outputs ``[N, *output_shape]``, or an :class:`InferError` (queue full, timeout, a stage's
         error)."""
-        r = self.submit_nowait(images, requests)
+        r = self.submit_nowait(images)
         try:
             return await r.future
         except asyncio.CancelledError:  # the client went away: free its place in the queue
             self.cancel(r)
             raise
 
-    def submit_nowait(self, images: np.ndarray, requests: int = 1) -> Request:
+    def submit_nowait(self, images: np.ndarray) -> Request:
         """:meth:`submit` without a task: the queued :class:`Request`, whose future resolves to the outputs
         or an :class:`InferError` (raised at once when the queue is full). The hub of the front worker
-        processes (:mod:`quantpipe.serve.workers`) uses it, with the client ``requests`` the images are
-        from (the in-flight gauge counts them)."""
+        processes (:mod:`quantpipe.serve.workers`) uses it."""
         assert self.loop is not None, "start() the service on its event loop first"
         r = Request(images, self.loop, self.options.timeout_s)
         self.queue.put(r)  # raises 503 at once when full
-        self._in_flight += requests
+        self._in_flight += 1
         self.metrics.in_flight.set(self._in_flight)
         self.metrics.queued.set(self.queue.waiting)
         timer = self.loop.call_at(self.loop.time() + self.options.timeout_s, self._expire, r)
 
         def finished(_: asyncio.Future) -> None:
             timer.cancel()
-            self._in_flight -= requests
+            self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
             self.metrics.queued.set(self.queue.waiting)
 

@@ -15,9 +15,8 @@ in the main process, the *hub*, so the links to the stages keep one sender and o
 Messages (multipart; ``rid`` = 8 bytes, the worker's request number):
 
 * worker -> hub: ``hello json`` (its index and pid, once it listens) | ``infer rid header data`` (header:
-  JSON dtype and shape of the first-hop images; the client requests that reached the worker in one
-  event-loop iteration travel as one, split again by the worker) | ``cancel rid`` (every client of it
-  went away) | ``answered json`` (the outcomes of the requests answered in the last 0.1 s, for the
+  JSON dtype and shape of the first-hop images of one client request) | ``cancel rid`` (its client went
+  away) | ``answered json`` (the outcomes of the requests answered in the last 0.1 s, for the
   metrics) | ``metrics``.
 * hub -> worker: ``result rid header data`` | ``error rid json`` (the :class:`InferError`'s message,
   status and reason) | ``status json`` (ready, every 0.25 s) | ``metrics text``.
@@ -45,6 +44,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +56,7 @@ from quantpipe.serve.model import ServedModel
 from quantpipe.serve.protocol import InferError, InferRequest
 from quantpipe.serve.service import first_hop_images
 
-__all__ = ["WorkerSpec", "Hub", "RemoteService", "reserve_port"]
+__all__ = ["WorkerSpec", "Hub", "RemoteService", "PortHold"]
 
 log = logging.getLogger("quantpipe.serve.workers")
 
@@ -85,23 +85,49 @@ class WorkerSpec:
     parent: int
 
 
-def reserve_port(host: str, port: int) -> socket.socket:
-    """A bound, not listening, ``SO_REUSEPORT`` socket holding ``port`` (0: a free one) for the workers.
+class PortHold:
+    """A port held for the front workers: a bound, not listening, ``SO_REUSEPORT`` socket, and a lock
+    file that another ``quantpipe serve`` asking for the same port finds taken.
 
-    Connections only go to listening sockets, so holding it steals none; it keeps the port from being
-    taken between workers starting and stops a port-0 choice from changing."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if port:
-        # SO_REUSEPORT would let us share a port another server of this user listens on: refuse that
-        # first, as a single-process server does
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    s.bind((host, port))
-    return s
+    Connections only go to listening sockets, so the held socket steals none; it keeps a port-0 choice
+    and the port itself while workers start and restart. ``SO_REUSEPORT`` alone would let a second server
+    of this user share the port silently: the probe (a plain bind, which fails on a listening socket)
+    and the lock refuse that, as a single-process server refuses a taken port."""
+
+    def __init__(self, host: str, port: int) -> None:
+        import fcntl
+
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._lock = None
+        self.sock: socket.socket | None = None
+        if port:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+            path = Path(tempfile.gettempdir()) / f"quantpipe-serve-{host.replace(':', '_')}-{port}.lock"
+            self._lock = open(path, "a+")  # noqa: SIM115 - held for the server's lifetime
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._lock.close()
+                raise OSError(f"{host}:{port} is held by another quantpipe serve (lock {path})") from None
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            self.sock.bind((host, port))
+        except OSError:
+            self.close()
+            raise
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self._lock is not None:
+            self._lock.close()  # releases the lock (the file stays, empty, for the next server)
+            self._lock = None
 
 
 # ------------------------------------------------------------------------------------------------ hub
@@ -111,14 +137,13 @@ class Hub:
 
     The ROUTER belongs to one I/O thread (plain blocking ZeroMQ): it drains every message that is
     waiting and hands the batch to the event loop in one call, and sends what the loop queues for it
-    (an inproc PUSH/PULL pair wakes it). No task or asyncio socket machinery per request: at a few
-    thousand requests per second that machinery, not the pipeline, was what held the hub's GIL.
+    (an inproc PUSH/PULL pair wakes it), so the event loop spends no task and no asyncio socket
+    machinery per request.
     """
 
     def __init__(self, service: Any, spec: WorkerSpec, workers: int) -> None:
         self.service, self.spec, self.n = service, spec, workers
-        self._dir = tempfile.mkdtemp(prefix="quantpipe-serve-")
-        os.chmod(self._dir, 0o700)  # only this user may connect to the hub
+        self._dir = tempfile.mkdtemp(prefix="qp-serve-")  # mkdtemp: mode 0700, only this user may connect
         self.endpoint = f"ipc://{self._dir}/hub"
         self.spec.endpoint = self.endpoint
         # one ZeroMQ I/O thread moves about 1-2 GB/s: the hub receives every worker's images
@@ -126,7 +151,14 @@ class Hub:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops at its high-water mark: results must not be lost
-        self.sock.bind(self.endpoint)
+        try:
+            self.sock.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            self.sock.close(linger=0)
+            self.ctx.term()
+            os.rmdir(self._dir)
+            raise QuantpipeError(f"the front workers' hub cannot listen on {self.endpoint} ({exc}); set TMPDIR "
+                                 "to a short, writable directory") from None
         self._out_addr = f"inproc://quantpipe-hub-out-{id(self)}"
         self._pull = self.ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, 0)
@@ -140,7 +172,8 @@ class Hub:
         self._procs: list[Any] = []
         self._loops: list[asyncio.Task] = []
         self._hello = asyncio.Event()
-        self._closing = False
+        self._stopping = False  # no more restarts
+        self._closed = False  # the I/O thread is told to stop: nothing more is sent
         self._io: Any = None
 
     async def start(self, timeout_s: float = 60.0) -> None:
@@ -150,7 +183,7 @@ class Hub:
         self.loop = asyncio.get_running_loop()
         self._io = threading.Thread(target=self._io_thread, name="quantpipe-serve-hub", daemon=True)
         self._io.start()
-        self._loops = [asyncio.create_task(self._status()), asyncio.create_task(self._watch())]
+        self._loops = [asyncio.create_task(self._status())]
         mp = multiprocessing.get_context("spawn")
         self._procs = [self._spawn(mp, k) for k in range(self.n)]
         deadline = time.monotonic() + timeout_s
@@ -165,6 +198,7 @@ class Hub:
                 await asyncio.wait_for(self._hello.wait(), 0.2)
             except asyncio.TimeoutError:
                 pass
+        self._loops.append(asyncio.create_task(self._watch()))
 
     def _spawn(self, mp: Any, k: int) -> Any:
         p = mp.Process(target=worker_main, args=(self.spec, k), name=f"quantpipe-serve-worker-{k}", daemon=True)
@@ -172,21 +206,29 @@ class Hub:
         return p
 
     async def stop(self) -> None:
-        self._closing = True
-        for t in self._loops:
-            t.cancel()
+        """Stop the workers as a single-process server stops its fronts: each one finishes the requests
+        it holds (the hub keeps answering them) within their timeout, then exits; then the hub stops."""
+        self._stopping = True
         for p in self._procs:
             if p.exitcode is None:
                 p.terminate()
+        deadline = time.monotonic() + self.spec.timeout_s + _HUB_LOST_S + 5.0
+        while any(p.exitcode is None for p in self._procs) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         for p in self._procs:
-            await asyncio.get_running_loop().run_in_executor(None, p.join, 5.0)
             if p.exitcode is None:
+                log.warning("front worker %s did not exit in time: killed", p.name)
                 p.kill()
+                p.join(5)
+        for t in self._loops:
+            t.cancel()
         for r in list(self._requests.values()):
             self.service.cancel(r)
-        self._send([b"", b"stop"])  # the I/O thread exits on it
+        await asyncio.sleep(0)  # let the answers' callbacks run while the socket is open (nobody reads them)
+        self._closed = True
+        self._push.send_multipart([b"", b"stop"])  # the I/O thread exits on it
         if self._io is not None:
-            self._io.join(5)
+            await asyncio.get_running_loop().run_in_executor(None, self._io.join, 5.0)
         self._push.close(linger=0)
         self.ctx.term()
         try:
@@ -228,8 +270,9 @@ class Hub:
             self._pull.close(linger=0)
 
     def _send(self, frames: list) -> None:
-        """Queue a message for the I/O thread (event loop thread only)."""
-        self._push.send_multipart(frames, copy=False)
+        """Queue a message for the I/O thread (event loop thread only); nothing once the hub has stopped."""
+        if not self._closed:
+            self._push.send_multipart(frames, copy=False)
 
     # -- the event loop ---------------------------------------------------------------------------
     def _on_messages(self, batch: list) -> None:
@@ -255,6 +298,8 @@ class Hub:
                     log.warning("front worker sent an unknown message kind %r: dropped", kind[:32])
             except (IndexError, ValueError, KeyError, TypeError) as exc:
                 log.warning("front worker sent a malformed %r message (%s): dropped", kind[:32], exc)
+            except Exception:  # a bug: the other messages of the batch still get handled
+                log.exception("serve hub: handling a %r message failed", kind[:32])
 
     def _infer(self, wid: bytes, rid: bytes, header: bytes, data: zmq.Frame) -> None:
         try:
@@ -268,7 +313,7 @@ class Hub:
                                      "internal")
             except (ValueError, KeyError, TypeError) as exc:
                 raise InferError(f"front worker sent a malformed request ({exc})", 500, "internal") from None
-            r = self.service.submit_nowait(images, int(h.get("requests", 1)))
+            r = self.service.submit_nowait(images)
         except InferError as exc:
             self._error(wid, rid, exc)
             return
@@ -295,12 +340,25 @@ class Hub:
                                                     "reason": exc.reason}).encode()])
 
     async def _watch(self) -> None:
+        """Start a worker that died again; one that keeps dying soon after its start waits longer each
+        time (0.5 s doubling to 30 s), so a broken worker does not spin."""
         mp = multiprocessing.get_context("spawn")
-        while not self._closing:
-            await asyncio.sleep(0.5)
+        started = {k: time.monotonic() for k in range(self.n)}
+        backoff = {k: 0.5 for k in range(self.n)}
+        due: dict[int, float] = {}
+        while not self._stopping:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
             for k, p in enumerate(self._procs):
-                if p.exitcode is not None and not self._closing:
-                    log.error("front worker %d exited with %s: starting it again", k, p.exitcode)
+                if p.exitcode is None or self._stopping:
+                    continue
+                if k not in due:
+                    backoff[k] = min(30.0, backoff[k] * 2) if now - started[k] < 10.0 else 0.5
+                    due[k] = now + backoff[k]
+                    log.error("front worker %d exited with %s: starting it again in %.1f s", k, p.exitcode, backoff[k])
+                elif now >= due[k]:
+                    del due[k]
+                    started[k] = now
                     self._procs[k] = self._spawn(mp, k)
 
     async def _status(self) -> None:
@@ -366,11 +424,11 @@ class RemoteService:
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # the same routing id after a reconnect, so the hub's answers still find this worker
+        self.sock.setsockopt(zmq.ROUTING_ID, f"w{index}-{os.getpid()}".encode())
         self.sock.connect(spec.endpoint)
         self._ids = itertools.count(1)
-        # hub request id -> (the client requests' futures, their image counts)
-        self._pending: dict[bytes, tuple[list[asyncio.Future], list[int]]] = {}
-        self._batch: list[tuple[np.ndarray, asyncio.Future]] = []  # client requests of this loop iteration
+        self._pending: dict[bytes, asyncio.Future] = {}  # request id -> the client request's future
         self._metrics: list[asyncio.Future] = []
         self._ready = False
         self._heard = 0.0
@@ -389,10 +447,9 @@ class RemoteService:
         for t in (self._task, self._sender):
             if t is not None:
                 t.cancel()
-        for futs, _ in self._pending.values():
-            for fut in futs:
-                if not fut.done():
-                    fut.set_exception(InferError("the server is shutting down", 503, "shutting_down"))
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(InferError("the server is shutting down", 503, "shutting_down"))
         self.sock.close(linger=0)
         self.ctx.term()
         self._decoder.shutdown(wait=False, cancel_futures=True)
@@ -423,76 +480,55 @@ class RemoteService:
     async def _receive(self) -> None:
         while True:
             frames = await self.sock.recv_multipart(copy=False)
-            kind = frames[0].bytes
-            self._heard = time.monotonic()
-            if kind == b"status":
-                self._ready = bool(json.loads(frames[1].bytes)["ready"])
-            elif kind in (b"result", b"error"):
-                entry = self._pending.pop(frames[1].bytes, None)
-                if entry is None:
-                    continue
-                futs, counts = entry
-                if kind == b"result":
-                    shape = json.loads(frames[2].bytes)["shape"]
-                    y = np.frombuffer(frames[3].buffer, dtype=np.float32).reshape(shape)
-                    parts = np.split(y, np.cumsum(counts)[:-1])
-                    for fut, part in zip(futs, parts):
-                        if not fut.done():
-                            fut.set_result(part)
-                else:
-                    e = json.loads(frames[2].bytes)
-                    for fut in futs:
-                        if not fut.done():
-                            fut.set_exception(InferError(e["message"], int(e["status"]), e["reason"]))
-            elif kind == b"metrics":
-                while self._metrics:
-                    fut = self._metrics.pop(0)
-                    if not fut.done():
-                        fut.set_result(frames[1].bytes)
-                        break
+            try:
+                self._dispatch(frames)
+            except Exception:  # a bug or a malformed message: the worker keeps serving
+                log.exception("front worker: handling a message from the hub failed")
+
+    def _dispatch(self, frames: list) -> None:
+        kind = frames[0].bytes
+        self._heard = time.monotonic()
+        if kind == b"status":
+            self._ready = bool(json.loads(frames[1].bytes)["ready"])
+        elif kind in (b"result", b"error"):
+            fut = self._pending.get(frames[1].bytes)
+            if fut is None or fut.done():
+                return
+            if kind == b"result":
+                shape = json.loads(frames[2].bytes)["shape"]
+                fut.set_result(np.frombuffer(frames[3].buffer, dtype=np.float32).reshape(shape))
+            else:
+                e = json.loads(frames[2].bytes)
+                fut.set_exception(InferError(e["message"], int(e["status"]), e["reason"]))
+        elif kind == b"metrics":
+            while self._metrics:
+                fut = self._metrics.pop(0)
+                if not fut.done():
+                    fut.set_result(frames[1].bytes)
+                    break
 
     async def infer(self, request: InferRequest) -> list[tuple[str, str, np.ndarray, bool]]:
         """What :meth:`InferenceService.infer` does, with the pipeline part sent to the hub."""
         images = await first_hop_images(self.model, request, self.loop, self._decoder)
         if not self.hub_alive():  # a stage that is down is the hub's to wait for, as without workers
             raise InferError("the serving hub does not answer (it is stopping or stopped)", 503, "hub_unavailable")
+        images = np.ascontiguousarray(images)
+        rid = _RID.pack(next(self._ids))
         fut = self.loop.create_future()
-        if not self._batch:
-            self.loop.call_soon(self._flush)
-        self._batch.append((images, fut))
+        self._pending[rid] = fut
+        head = json.dumps({"dtype": images.dtype.str, "shape": list(images.shape)}).encode()
+        self.send_nowait([b"infer", rid, head, images])
         try:
             # the hub answers every request within its timeout; the margin covers a hub that died
             y = await asyncio.wait_for(fut, self.spec.timeout_s + _HUB_LOST_S)
         except asyncio.TimeoutError:
             raise InferError("the serving hub did not answer within the timeout", 504, "timeout") from None
-        return self.model.outputs(y, request.outputs, request.binary_default)
-
-    def _flush(self) -> None:
-        """Send the client requests that arrived in this loop iteration as one hub request.
-
-        Under load many requests arrive per iteration; the hub then handles one request (one message,
-        one queue entry, one result) for all of them instead of one each, which is what keeps the hub,
-        a single process, from limiting N workers. Idle, a request goes alone, with no added wait."""
-        batch, self._batch = self._batch, []
-        batch = [(x, f) for x, f in batch if not f.done()]  # a client that went away meanwhile
-        if not batch:
-            return
-        counts = [len(x) for x, _ in batch]
-        images = np.ascontiguousarray(batch[0][0]) if len(batch) == 1 else np.concatenate([x for x, _ in batch])
-        rid = _RID.pack(next(self._ids))
-        futs = [f for _, f in batch]
-        self._pending[rid] = (futs, counts)
-        for f in futs:
-            f.add_done_callback(lambda _f, rid=rid: self._abandoned(rid))
-        head = json.dumps({"dtype": images.dtype.str, "shape": list(images.shape), "requests": len(futs)}).encode()
-        self.send_nowait([b"infer", rid, head, images])
-
-    def _abandoned(self, rid: bytes) -> None:
-        """When every client of a hub request has gone (cancelled or timed out), the hub frees its place."""
-        entry = self._pending.get(rid)
-        if entry is not None and all(f.cancelled() for f in entry[0]):
-            del self._pending[rid]
+        except asyncio.CancelledError:  # the client went away: the hub frees its place in the queue
             self.send_nowait([b"cancel", rid])
+            raise
+        finally:
+            self._pending.pop(rid, None)
+        return self.model.outputs(y, request.outputs, request.binary_default)
 
 
 def _die_with_parent(parent: int) -> None:

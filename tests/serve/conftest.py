@@ -93,7 +93,10 @@ class ServerThread:
             self.loop.run_until_complete(self.server.start())
         except BaseException as exc:  # surfaced by start()
             self._error = exc
-            self._started.set()
+            try:  # as serve_forever does: nothing half-started is left behind
+                self.loop.run_until_complete(self.server.stop())
+            finally:
+                self._started.set()
             return
         self._started.set()
         self.loop.run_forever()
@@ -102,7 +105,8 @@ class ServerThread:
 
     def __enter__(self) -> "ServerThread":
         self.thread.start()
-        self._started.wait(30)
+        if not self._started.wait(120):  # longer than the front workers' 60 s start timeout
+            raise TimeoutError("the server did not start within 120 s")
         if self._error is not None:
             raise self._error
         return self

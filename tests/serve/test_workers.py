@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -31,6 +32,7 @@ def workers_pipeline(tmp_path):
     cfg = load_config(path)
     with stages_in_threads(cfg), ServerThread(cfg, grpc=("127.0.0.1", 0), workers=2) as srv:
         srv.wait_ready()
+        time.sleep(0.6)  # the hub tells every worker within 0.25 s
         _wait_http_ready(srv.http_url)
         yield cfg, srv
 
@@ -75,7 +77,10 @@ def test_two_workers_answer_http_and_grpc_exactly_and_the_hub_counts_every_reque
     # one registry, in the hub: /metrics on any worker shows every request answered by either
     deadline = time.monotonic() + 5
     while True:
-        text = urllib.request.urlopen(f"http://{srv.http_url}/metrics").read().decode()
+        try:
+            text = urllib.request.urlopen(f"http://{srv.http_url}/metrics", timeout=5).read().decode()
+        except urllib.error.HTTPError:  # 503 from a worker whose hub was slow to answer on a busy machine
+            text = ""
         if 'quantpipe_serve_requests_total{outcome="ok",protocol="http"} 25.0' in text:
             break
         assert time.monotonic() < deadline, [ln for ln in text.splitlines() if "requests_total" in ln]
@@ -135,8 +140,10 @@ def test_serve_with_workers_stops_on_sigterm_and_leaves_no_worker(tmp_path):
             doc = json.loads(urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{port}/v2/models/{MODEL}/infer", data=body, method="POST"), timeout=10).read())
             assert doc["outputs"][0]["shape"] == [1, 1000]
-            children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
-            assert len(children) >= 2, children
+            children = [c for c in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                                  text=True).stdout.split()
+                        if "spawn_main" in open(f"/proc/{c}/cmdline").read()]  # not multiprocessing's tracker
+            assert len(children) == 2, children
         finally:
             p.send_signal(signal.SIGTERM)
             out, _ = p.communicate(timeout=30)
@@ -168,3 +175,74 @@ def test_a_port_another_server_listens_on_is_refused_not_shared(tmp_path):
         r = subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(path), "--workers", "2",
                             "--http", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_multi_image_requests_are_admitted_one_by_one_against_the_queue_bound(tmp_path):
+    """64 concurrent 3-image requests against a queue of 8 images: each is answered on its own (results
+    or 503 queue full), none is refused as too large because others arrived with it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quantpipe.serve.service import ServeOptions
+
+    path = write_config(tmp_path, ["builtin:identity", "builtin:head:1000"])
+    cfg = load_config(path)
+    with stages_in_threads(cfg), ServerThread(cfg, workers=2, options=ServeOptions(max_queue_images=8)) as srv:
+        srv.wait_ready()
+        time.sleep(0.6)
+        x = _images(3, seed=5)
+        expected = chained(cfg, x)
+
+        def call(_):
+            try:
+                r = th.InferenceServerClient(srv.http_url).infer(MODEL, [_input("input", x, "FP32")])
+                np.testing.assert_allclose(r.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
+                return "ok"
+            except InferenceServerException as exc:
+                return str(exc)
+
+        with ThreadPoolExecutor(64) as pool:
+            outcomes = list(pool.map(call, range(64)))
+    assert "ok" in outcomes
+    assert all(o == "ok" or "queue" in o for o in outcomes), [o for o in outcomes if o != "ok"][:3]
+
+
+def test_stopping_lets_workers_answer_the_requests_they_hold(tmp_path):
+    """No stage runs, so requests wait in the hub's queue; stopping the server meanwhile must still
+    answer each (504 at its timeout), as a single-process server does, not drop the connections."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from quantpipe.serve.service import ServeOptions
+
+    path = write_config(tmp_path, ["builtin:identity"])
+    cfg = load_config(path)
+    srv = ServerThread(cfg, workers=2, options=ServeOptions(timeout_s=7.0)).__enter__()  # > 5 s
+    time.sleep(0.6)
+    url = srv.http_url
+
+    def call(_):
+        try:
+            th.InferenceServerClient(url, network_timeout=30).infer(MODEL, [_input("input", _images(1), "FP32")])
+            return "ok"
+        except InferenceServerException as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - a dropped connection is what must not happen
+            return f"connection: {exc!r}"
+
+    with ThreadPoolExecutor(4) as pool:
+        pending = [pool.submit(call, i) for i in range(4)]
+        time.sleep(1.0)  # the requests are queued in the hub
+        t0 = time.monotonic()
+        srv.__exit__(None, None, None)
+        outcomes = [f.result(timeout=60) for f in pending]
+    assert all("504" in o and "timeout" in o for o in outcomes), outcomes
+    assert time.monotonic() - t0 < 20
+
+
+def test_the_same_port_for_http_and_grpc_is_refused(tmp_path):
+    from quantpipe.errors import ConfigError
+    from quantpipe.serve.command import Server
+
+    cfg = load_config(write_config(tmp_path, ["builtin:identity"]))
+    port = free_port()
+    with pytest.raises(ConfigError, match="different ports"):
+        Server(cfg, http=("127.0.0.1", port), grpc=("127.0.0.1", port), workers=2)
