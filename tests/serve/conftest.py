@@ -24,19 +24,30 @@ from quantpipe.runtime.stage import StageDaemon  # noqa: E402
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports (all held open while they are picked, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def write_config(tmp_path: Path, engines: list[str], input_shape=(3, 32, 32), microbatch: int = 4,
                  credits: int = 4, name: str = "pipeline.toml") -> Path:
     """A builtin pipeline TOML on free loopback ports (stages at 32 bits: exact results)."""
     lines = ["[pipeline]", f"input_shape = {list(input_shape)}", 'policy = "fixed"', "fixed_bits = 32",
-             "target_rate = 1000.0", f"microbatch = {microbatch}", f"credits = {credits}", "",
-             "[sink]", f'address = "tcp://127.0.0.1:{free_port()}"', ""]
-    for e in engines:
-        lines += ["[[stages]]", f'engine = "{e}"', f'address = "tcp://127.0.0.1:{free_port()}"', ""]
+             "target_rate = 1000.0", f"microbatch = {microbatch}", f"credits = {credits}", ""]
+    sink_port, *stage_ports = free_ports(1 + len(engines))
+    lines += ["[sink]", f'address = "tcp://127.0.0.1:{sink_port}"', ""]
+    for e, port in zip(engines, stage_ports):
+        lines += ["[[stages]]", f'engine = "{e}"', f'address = "tcp://127.0.0.1:{port}"', ""]
     path = tmp_path / name
     path.write_text("\n".join(lines))
     return path
