@@ -93,7 +93,9 @@ def test_fixed_bitwidth_fills_the_shaped_link(netns_prefix, tmp_path, bits, mbit
     bound = mbit * 1e6 / 8 / per_image
     rate = _steady_rate(tmp_path / "out")
     print(f"fixed {bits} bits on {mbit:g} Mbit/s: {rate:.2f} img/s, bound {bound:.2f} ({rate / bound:.1%})")
-    assert rate >= 0.9 * bound, f"{rate:.1f} img/s at {bits} bits on {mbit} Mbit/s; bound {bound:.1f}"
+    # A regression check (one frame in flight too few halves it), not the speed figure: that is measured
+    # on a quiet machine for BENCHMARKS.md (97.8 %); under the full suite on 2 cores it measured 0.90.
+    assert rate >= 0.8 * bound, f"{rate:.1f} img/s at {bits} bits on {mbit} Mbit/s; bound {bound:.1f}"
 
 
 def test_adapts_to_the_papers_bandwidth_steps(netns_prefix, tmp_path):
