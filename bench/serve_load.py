@@ -52,7 +52,16 @@ def _free_port() -> int:
 def _config_on_free_ports(src: Path, dst: Path, stages_dir: str | None) -> Path:
     """A copy of ``src`` whose addresses are free loopback ports (and stages_dir set, if given)."""
     text = src.read_text()
-    text = re.sub(r'tcp://127\.0\.0\.1:\d+', lambda m: f"tcp://127.0.0.1:{_free_port()}", text)
+    used: set[int] = set()
+
+    def distinct(_: re.Match) -> str:  # a port just closed can come back: never give one twice
+        port = _free_port()
+        while port in used:
+            port = _free_port()
+        used.add(port)
+        return f"tcp://127.0.0.1:{port}"
+
+    text = re.sub(r'tcp://127\.0\.0\.1:\d+', distinct, text)
     if stages_dir:
         text = re.sub(r'^stages_dir = .*$', f'stages_dir = "{Path(stages_dir).resolve()}"', text, flags=re.M)
     dst.write_text(text)

@@ -143,7 +143,9 @@ def test_output_rate_is_back_within_two_windows_after_8x_and_20x_drops(netns_pre
     from bench.adaptation import config as adaptation_config
 
     schedule = "0:48.4,8:6.05,16:48.4,24:2.42"
-    ports = (_free_port(), _free_port(), _free_port())
+    ports: tuple[int, ...] = ()
+    while len(set(ports)) < 3:  # a port just closed can come back: three distinct ones
+        ports = (_free_port(), _free_port(), _free_port())
     cfg = adaptation_config(tmp_path / "pipeline.toml", schedule, ports)
     summary = _run(netns_prefix, str(cfg), tmp_path / "out", "--count", str(30 * 32), timeout=240)
     assert summary["errors"] == 0 and summary["in_order"]
