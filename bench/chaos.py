@@ -55,6 +55,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from quantpipe import wire
+from quantpipe.benchmarks import free_port
 
 __all__ = ["Setup", "Cluster", "free_port", "expected_top5", "check_results", "chaos_stream", "neighbour",
            "bad_messages", "send_oversized", "scrape_errors", "rss_kib", "custody_garbage", "custody_attack",
@@ -63,10 +64,6 @@ __all__ = ["Setup", "Cluster", "free_port", "expected_top5", "check_results", "c
 PY = sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

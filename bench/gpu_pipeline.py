@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 import urllib.request
@@ -34,13 +33,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quantpipe.benchmarks import free_port as _free_port  # noqa: E402
+
 PARTS = ("validate", "decode", "engine", "encode", "send")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def providers_report(stages: Path) -> dict:

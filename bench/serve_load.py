@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,30 +37,18 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from quantpipe.benchmarks import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config_on_free_ports(src: Path, dst: Path, stages_dir: str | None) -> Path:
     """A copy of ``src`` whose addresses are free loopback ports (and stages_dir set, if given)."""
     text = src.read_text()
-    used: set[int] = set()
-
-    def distinct(_: re.Match) -> str:  # a port just closed can come back: never give one twice
-        port = _free_port()
-        while port in used:
-            port = _free_port()
-        used.add(port)
-        return f"tcp://127.0.0.1:{port}"
-
-    text = re.sub(r'tcp://127\.0\.0\.1:\d+', distinct, text)
+    text = re.sub(r'tcp://127\.0\.0\.1:\d+', lambda m: f"tcp://127.0.0.1:{_free_port()}", text)
     if stages_dir:
         text = re.sub(r'^stages_dir = .*$', f'stages_dir = "{Path(stages_dir).resolve()}"', text, flags=re.M)
     dst.write_text(text)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -37,16 +36,13 @@ from typing import Any
 import numpy as np
 
 from quantpipe.errors import ConfigError
+from quantpipe.benchmarks import free_port as _free_port
 
 __all__ = ["build_table", "run_once", "add_arguments", "run"]
 
 PARTS = ("validate", "decode", "engine", "encode", "send")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_table(samples: np.ndarray, methods: list[str], bits: list[int], boundaries: int, seed: int = 0) -> Any:
