@@ -14,7 +14,7 @@ from quantpipe import wire
 from quantpipe.errors import ConfigError
 from quantpipe.quant.linkcodec import BoundaryCodec
 from quantpipe.serve.batcher import Request, RequestQueue
-from quantpipe.serve.bridge import float_frame, pixel_frame
+from quantpipe.serve.bridge import first_hop_frame
 from quantpipe.serve.observe import AccessLog, read_token, token_matches
 from quantpipe.serve.protocol import InferError, elements_to_bytes, encode_http_response, parse_http_request
 
@@ -78,7 +78,8 @@ def test_request_is_answered_once(loop):
 def test_uint8_first_hop_frame_decodes_to_the_exact_pixel_values():
     x = np.random.default_rng(0).integers(0, 256, (3, 3, 8, 8), dtype=np.uint8)
     x[0, 0, 0, :2] = (0, 255)
-    frames = pixel_frame(x, seq=7, first_id=21)
+    frames, bits = first_hop_frame(x, seq=7, first_id=21)
+    assert bits == 8
     assert bytes(frames[1]) == x.tobytes()  # the payload is the pixels' own bytes
     codec = BoundaryCodec(None, 0, stage=0)  # what stage 0 decodes its input with
     checked = codec.check([bytes(frames[0]), bytes(frames[1])])
@@ -91,7 +92,8 @@ def test_uint8_first_hop_frame_decodes_to_the_exact_pixel_values():
 
 def test_float32_first_hop_frame_is_the_wire_modules_32_bit_frame_byte_for_byte():
     x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
-    ours = float_frame(x, seq=9, first_id=40)
+    ours, bits = first_hop_frame(x, seq=9, first_id=40)
+    assert bits == 32
     ref = wire.encode_frame(x, seq=9, first_id=40, stage=wire.SOURCE_STAGE, bits=32)
     assert [bytes(f) for f in ours] == [bytes(f) for f in ref]
     _, y = wire.decode_frame([bytes(f) for f in ours])
