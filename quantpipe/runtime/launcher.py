@@ -45,7 +45,7 @@ from quantpipe.runtime import timeline
 from quantpipe.runtime.config import PipelineConfig, load_config
 from quantpipe.runtime.stage import add_overrides, overrides_from
 
-__all__ = ["Pipeline", "add_arguments", "run", "NETLINKS", "Stopped"]
+__all__ = ["Pipeline", "add_arguments", "run", "NETLINKS", "Stopped", "die_with_parent"]
 
 log = logging.getLogger(__name__)
 
@@ -60,26 +60,44 @@ class Stopped(KeyboardInterrupt):
         self.signum = signum
 
 
-def _die_with_parent(sig: int = signal.SIGKILL) -> Any:
-    """A ``preexec_fn`` that makes the child get ``sig`` when the launcher dies (Linux), or None.
-
-    libc is loaded here, in the parent: the child, between fork and exec, only makes the call."""
+def _prctl() -> Any:
+    """libc's ``prctl`` (Linux), or None."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
 
     try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
+        return None
+
+
+def _arm(prctl: Any, sig: int, parent: int) -> None:
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the call: nobody would signal us
+        os._exit(1)
+
+
+def _die_with_parent(sig: int = signal.SIGKILL) -> Any:
+    """A ``preexec_fn`` that makes the child get ``sig`` when the launcher dies (Linux), or None.
+
+    libc is loaded here, in the parent: the child, between fork and exec, only makes the call."""
+    prctl = _prctl()
+    if prctl is None:
         return None
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before the call: nobody would signal us
-            os._exit(1)
+        _arm(prctl, sig, parent)
 
     return preexec
+
+
+def die_with_parent(sig: int, parent: int) -> None:
+    """In a child started without a ``preexec_fn`` (multiprocessing's spawn): get ``sig`` when ``parent``
+    dies (Linux), and exit at once if it already has."""
+    _arm(_prctl(), sig, parent)
 
 
 # Removes the run's namespaces when the launcher dies without its cleanup (kill -9): it gets SIGTERM

@@ -40,7 +40,6 @@ import os
 import signal
 import socket
 import struct
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -531,21 +530,11 @@ class RemoteService:
         return self.model.outputs(y, request.outputs, request.binary_default)
 
 
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    if os.getppid() != parent:
-        os._exit(1)
-
-
 def worker_main(spec: WorkerSpec, index: int) -> None:
     """A worker process: the HTTP and/or gRPC front on the shared ports, the pipeline in the hub."""
-    _die_with_parent(spec.parent)
+    from quantpipe.runtime.launcher import die_with_parent
+
+    die_with_parent(signal.SIGTERM, spec.parent)
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname).1s %(name)s[w{index}]: %(message)s",
                         datefmt="%H:%M:%S")
     os.environ.setdefault("OMP_NUM_THREADS", "1")

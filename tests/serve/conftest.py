@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,24 +18,9 @@ import pytest
 pytest.importorskip("aiohttp")
 pytest.importorskip("tritonclient.http")
 
+from quantpipe.benchmarks import free_port  # noqa: E402 - never the same port twice in a process
 from quantpipe.runtime.config import PipelineConfig, load_config  # noqa: E402
 from quantpipe.runtime.stage import StageDaemon  # noqa: E402
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free loopback ports (all held open while they are picked, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def write_config(tmp_path: Path, engines: list[str], input_shape=(3, 32, 32), microbatch: int = 4,
@@ -44,10 +28,9 @@ def write_config(tmp_path: Path, engines: list[str], input_shape=(3, 32, 32), mi
     """A builtin pipeline TOML on free loopback ports (stages at 32 bits: exact results)."""
     lines = ["[pipeline]", f"input_shape = {list(input_shape)}", 'policy = "fixed"', "fixed_bits = 32",
              "target_rate = 1000.0", f"microbatch = {microbatch}", f"credits = {credits}", ""]
-    sink_port, *stage_ports = free_ports(1 + len(engines))
-    lines += ["[sink]", f'address = "tcp://127.0.0.1:{sink_port}"', ""]
-    for e, port in zip(engines, stage_ports):
-        lines += ["[[stages]]", f'engine = "{e}"', f'address = "tcp://127.0.0.1:{port}"', ""]
+    lines += ["[sink]", f'address = "tcp://127.0.0.1:{free_port()}"', ""]
+    for e in engines:
+        lines += ["[[stages]]", f'engine = "{e}"', f'address = "tcp://127.0.0.1:{free_port()}"', ""]
     path = tmp_path / name
     path.write_text("\n".join(lines))
     return path
@@ -82,6 +65,23 @@ def stop_process(p: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(5)
+
+
+def wait_http_ready(url: str, timeout_s: float = 20.0, process: subprocess.Popen | None = None) -> None:
+    """Until ``GET http://URL/v2/health/ready`` answers 200; fails after ``timeout_s`` or if ``process``
+    (a `quantpipe serve` started by the test) exits first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and (process is None or process.poll() is None), \
+            f"the server at {url} did not become ready"
+        time.sleep(0.1)
 
 
 class ServerThread:

@@ -7,14 +7,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import numpy as np
 
 from quantpipe.runtime.config import load_config
 from quantpipe.serve.model import BUILTIN_MODEL_NAME as MODEL
-from tests.serve.conftest import free_port, stages_in_threads, write_config
+from tests.serve.conftest import free_port, stages_in_threads, wait_http_ready, write_config
 
 
 def test_serve_subcommand_answers_json_infer_and_stops_on_sigterm(tmp_path):
@@ -29,15 +28,7 @@ def test_serve_subcommand_answers_json_infer_and_stops_on_sigterm(tmp_path):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2).status == 200:
-                        break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline and p.poll() is None, "quantpipe serve did not become ready"
-                time.sleep(0.1)
+            wait_http_ready(f"127.0.0.1:{port}", 30, p)
             x = np.zeros((1, 3, 32, 32), np.float32)
             body = json.dumps({"id": "curl-1", "inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                                           "data": x.reshape(-1).tolist()}]}).encode()

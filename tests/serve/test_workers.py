@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from quantpipe.runtime.config import load_config
 from quantpipe.serve.model import BUILTIN_MODEL_NAME as MODEL
-from tests.serve.conftest import ServerThread, free_port, stages_in_threads, write_config
+from tests.serve.conftest import ServerThread, free_port, stages_in_threads, wait_http_ready, write_config
 from tests.serve.test_http import _images, _input, chained
 
 
@@ -33,20 +33,17 @@ def workers_pipeline(tmp_path):
     with stages_in_threads(cfg), ServerThread(cfg, grpc=("127.0.0.1", 0), workers=2) as srv:
         srv.wait_ready()
         time.sleep(0.6)  # the hub tells every worker within 0.25 s
-        _wait_http_ready(srv.http_url)
+        wait_http_ready(srv.http_url)
         yield cfg, srv
 
 
-def _wait_http_ready(url: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2).status == 200:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the front workers did not report ready"
-        time.sleep(0.1)
+def _infer_once(url: str, x: np.ndarray, **client_kw):
+    """One request on a new connection (so that the kernel may pick either worker), closed after."""
+    c = th.InferenceServerClient(url, **client_kw)
+    try:
+        return c.infer(MODEL, [_input("input", x, "FP32")])
+    finally:
+        c.close()
 
 
 def _worker_pids(srv) -> list[int]:
@@ -111,7 +108,7 @@ def test_a_killed_worker_is_started_again_and_the_other_keeps_serving(workers_pi
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (ok < 10 or victim in _worker_pids(srv)):
         try:  # a new connection each time: some land on the survivor, none on the dead socket
-            r = th.InferenceServerClient(srv.http_url).infer(MODEL, [_input("input", x, "FP32")])
+            r = _infer_once(srv.http_url, x)
             np.testing.assert_allclose(r.as_numpy("logits"), chained(cfg, x), rtol=1e-5, atol=1e-6)
             ok += 1
         except Exception:  # noqa: BLE001 - a connection the dead worker had accepted is reset
@@ -133,7 +130,7 @@ def test_serve_with_workers_stops_on_sigterm_and_leaves_no_worker(tmp_path):
                               "--http", f"127.0.0.1:{port}", "--workers", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            _wait_http_ready(f"127.0.0.1:{port}", 60)
+            wait_http_ready(f"127.0.0.1:{port}", 60, p)
             x = np.zeros((1, 3, 32, 32), np.float32)
             body = json.dumps({"inputs": [{"name": "input", "shape": [1, 3, 32, 32], "datatype": "FP32",
                                            "data": x.reshape(-1).tolist()}]}).encode()
@@ -194,7 +191,7 @@ def test_multi_image_requests_are_admitted_one_by_one_against_the_queue_bound(tm
 
         def call(_):
             try:
-                r = th.InferenceServerClient(srv.http_url).infer(MODEL, [_input("input", x, "FP32")])
+                r = _infer_once(srv.http_url, x)
                 np.testing.assert_allclose(r.as_numpy("logits"), expected, rtol=1e-5, atol=1e-6)
                 return "ok"
             except InferenceServerException as exc:
@@ -221,7 +218,7 @@ def test_stopping_lets_workers_answer_the_requests_they_hold(tmp_path):
 
     def call(_):
         try:
-            th.InferenceServerClient(url, network_timeout=30).infer(MODEL, [_input("input", _images(1), "FP32")])
+            _infer_once(url, _images(1), network_timeout=30)
             return "ok"
         except InferenceServerException as exc:
             return str(exc)
