@@ -64,8 +64,6 @@ __all__ = ["Setup", "Cluster", "free_port", "expected_top5", "check_results", "c
 PY = sys.executable
 
 
-
-
 @dataclass
 class Setup:
     """A builtin-engine pipeline small enough for two shared cores."""

@@ -38,8 +38,6 @@ from quantpipe.benchmarks import free_port as _free_port  # noqa: E402
 PARTS = ("validate", "decode", "engine", "encode", "send")
 
 
-
-
 def providers_report(stages: Path) -> dict:
     import onnxruntime as ort
 

@@ -37,12 +37,11 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
 from quantpipe.benchmarks import free_port as _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
 
 
 def _config_on_free_ports(src: Path, dst: Path, stages_dir: str | None) -> Path:

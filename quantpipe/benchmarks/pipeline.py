@@ -35,14 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from quantpipe.errors import ConfigError
 from quantpipe.benchmarks import free_port as _free_port
+from quantpipe.errors import ConfigError
 
 __all__ = ["build_table", "run_once", "add_arguments", "run"]
 
 PARTS = ("validate", "decode", "engine", "encode", "send")
-
-
 
 
 def build_table(samples: np.ndarray, methods: list[str], bits: list[int], boundaries: int, seed: int = 0) -> Any:

@@ -23,6 +23,7 @@ normalize); a test compares it with timm's transform.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 import re
@@ -116,21 +117,18 @@ class Preprocess:
 
         A 256-entry table per channel, computed with the same float32 operations in the same order as
         the elementwise form, so the result is bit-identical to it at a fraction of its cost."""
-        lut = self._lut()
+        lut = self._lut
         out = np.empty(pixels.shape, np.float32)
         for c in range(pixels.shape[-3]):
             np.take(lut[c], pixels[..., c, :, :], out=out[..., c, :, :])
         return out
 
-    def _lut(self) -> np.ndarray:
-        lut = self.__dict__.get("_lut_cache")
-        if lut is None:
-            p = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(255)
-            mean = np.asarray(self.mean, dtype=np.float32)[:, None]
-            std = np.asarray(self.std, dtype=np.float32)[:, None]
-            lut = np.ascontiguousarray((p[None, :] - mean) / std, dtype=np.float32)
-            object.__setattr__(self, "_lut_cache", lut)
-        return lut
+    @functools.cached_property
+    def _lut(self) -> np.ndarray:  # [3, 256]; cached_property writes __dict__, so it works on a frozen dataclass
+        p = np.arange(256, dtype=np.uint8).astype(np.float32) / np.float32(255)
+        mean = np.asarray(self.mean, dtype=np.float32)[:, None]
+        std = np.asarray(self.std, dtype=np.float32)[:, None]
+        return np.ascontiguousarray((p[None, :] - mean) / std, dtype=np.float32)
 
     def pixels(self, image: Any) -> np.ndarray:
         """A PIL image -> uint8 ``[3, H, W]``: resized and cropped as timm's eval transform, not normalized."""

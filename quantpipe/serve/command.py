@@ -26,7 +26,7 @@ import zmq
 from quantpipe.errors import ConfigError, QuantpipeError
 from quantpipe.runtime.config import PipelineConfig, load_config
 
-__all__ = ["add_arguments", "run", "Server", "parse_hostport"]
+__all__ = ["add_arguments", "run", "Server", "parse_hostport", "start_fronts"]
 
 log = logging.getLogger("quantpipe.serve")
 
@@ -47,6 +47,36 @@ def _context(cfg: PipelineConfig) -> zmq.Context:
     _, client = security.for_process(cfg.keys_dir, -1, n)  # the source's key: stage 0 allows it
     server, _ = security.for_process(cfg.keys_dir, n, n)  # the sink's key: the last stage knows it
     return security.SecureContext(server, client)
+
+
+async def start_fronts(service: Any, http: tuple[str, int] | None, grpc: tuple[str, int] | None, *,
+                       token: str | None, max_body_bytes: int, access_log_per_s: float,
+                       reuse_port: bool = False) -> tuple[Any, Any]:
+    """The HTTP and/or gRPC front of ``service``, listening: ``(HttpFront or None, GrpcFront or None)``
+    (their ``port`` is the real one when 0 was asked for). Used by :class:`Server` and by each front
+    worker process (``reuse_port``: they share the ports)."""
+    from quantpipe.serve.observe import AccessLog
+
+    access = AccessLog(logging.getLogger("quantpipe.serve.access"), access_log_per_s)
+    http_front = grpc_front = None
+    if http is not None:
+        from quantpipe.serve.http_front import HttpFront
+
+        http_front = HttpFront(service, *http, token=token, max_body_bytes=max_body_bytes, access_log=access,
+                               reuse_port=reuse_port)
+        await http_front.start()
+    if grpc is not None:
+        from quantpipe.serve.grpc_front import GrpcFront
+
+        grpc_front = GrpcFront(service, *grpc, token=token, max_message_bytes=max_body_bytes, access_log=access,
+                               reuse_port=reuse_port)
+        try:
+            await grpc_front.start()
+        except BaseException:  # e.g. the gRPC port is taken: the HTTP front must not stay up alone
+            if http_front is not None:
+                await http_front.stop()
+            raise
+    return http_front, grpc_front
 
 
 class Server:
@@ -125,30 +155,18 @@ class Server:
         self.grpc_port = addrs["grpc"][1] if "grpc" in addrs else 0
         spec = WorkerSpec(endpoint="", model=self.model, http=addrs.get("http"), grpc=addrs.get("grpc"),
                           token=self.token, max_body_bytes=self.max_body_bytes,
-                          access_log_per_s=self.access_log_per_s, timeout_s=self.options.timeout_s,
-                          max_queue_delay_us=self.options.max_queue_delay_us,
+                          access_log_per_s=self.access_log_per_s, options=self.options,
                           queue_capacity=self.service.queue.capacity, microbatch=self.cfg.microbatch,
-                          decode_workers=self.options.decode_workers, log_level=logging.getLogger().level,
-                          parent=os.getpid())
+                          log_level=logging.getLogger().level, parent=os.getpid())
         self.hub = Hub(self.service, spec, self.workers)
         await self.hub.start()
 
     async def _start_fronts(self) -> None:
-        from quantpipe.serve.observe import AccessLog
-
-        access = AccessLog(logging.getLogger("quantpipe.serve.access"), self.access_log_per_s)
-        if self.http_addr is not None:
-            from quantpipe.serve.http_front import HttpFront
-
-            self.http = HttpFront(self.service, *self.http_addr, token=self.token,
-                                  max_body_bytes=self.max_body_bytes, access_log=access)
-            self.http_port = await self.http.start()
-        if self.grpc_addr is not None:
-            from quantpipe.serve.grpc_front import GrpcFront
-
-            self.grpc = GrpcFront(self.service, *self.grpc_addr, token=self.token,
-                                  max_message_bytes=self.max_body_bytes, access_log=access)
-            self.grpc_port = await self.grpc.start()
+        self.http, self.grpc = await start_fronts(self.service, self.http_addr, self.grpc_addr, token=self.token,
+                                                  max_body_bytes=self.max_body_bytes,
+                                                  access_log_per_s=self.access_log_per_s)
+        self.http_port = self.http.port if self.http is not None else 0
+        self.grpc_port = self.grpc.port if self.grpc is not None else 0
 
     async def stop(self) -> None:
         if self.hub is not None:

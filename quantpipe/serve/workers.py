@@ -41,9 +41,11 @@ import signal
 import socket
 import struct
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -53,7 +55,7 @@ import zmq.asyncio  # the workers' side; the hub uses plain ZeroMQ in its I/O th
 from quantpipe.errors import QuantpipeError
 from quantpipe.serve.model import ServedModel
 from quantpipe.serve.protocol import InferError, InferRequest
-from quantpipe.serve.service import first_hop_images
+from quantpipe.serve.service import ServeOptions, first_hop_images
 
 __all__ = ["WorkerSpec", "Hub", "RemoteService", "PortHold"]
 
@@ -75,11 +77,9 @@ class WorkerSpec:
     token: str | None
     max_body_bytes: int
     access_log_per_s: float
-    timeout_s: float
-    max_queue_delay_us: int
+    options: ServeOptions  # the hub's: timeouts and batching delay (reported, enforced by the hub), decoders
     queue_capacity: int
     microbatch: int
-    decode_workers: int
     log_level: int
     parent: int
 
@@ -177,8 +177,6 @@ class Hub:
 
     async def start(self, timeout_s: float = 60.0) -> None:
         """Start the workers and wait until each has said hello (its ports are listening)."""
-        import threading
-
         self.loop = asyncio.get_running_loop()
         self._io = threading.Thread(target=self._io_thread, name="quantpipe-serve-hub", daemon=True)
         self._io.start()
@@ -211,7 +209,7 @@ class Hub:
         for p in self._procs:
             if p.exitcode is None:
                 p.terminate()
-        deadline = time.monotonic() + self.spec.timeout_s + _HUB_LOST_S + 5.0
+        deadline = time.monotonic() + self.spec.options.timeout_s + _HUB_LOST_S + 5.0
         while any(p.exitcode is None for p in self._procs) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for p in self._procs:
@@ -292,7 +290,7 @@ class Hub:
                 elif kind == b"hello":
                     self._workers[int(json.loads(frames[2].bytes)["index"])] = wid
                     self._hello.set()
-                    self._send([wid, b"status", json.dumps({"ready": bool(self.service.ready())}).encode()])
+                    self._send([wid, b"status", self._status_body()])
                 else:
                     log.warning("front worker sent an unknown message kind %r: dropped", kind[:32])
             except (IndexError, ValueError, KeyError, TypeError) as exc:
@@ -360,10 +358,13 @@ class Hub:
                     started[k] = now
                     self._procs[k] = self._spawn(mp, k)
 
+    def _status_body(self) -> bytes:
+        return json.dumps({"ready": bool(self.service.ready())}).encode()
+
     async def _status(self) -> None:
         while True:
             await asyncio.sleep(_STATUS_EVERY_S)
-            body = json.dumps({"ready": bool(self.service.ready())}).encode()
+            body = self._status_body()
             for wid in list(self._workers.values()):
                 self._send([wid, b"status", body])
 
@@ -377,8 +378,7 @@ class _Metrics:
         self._outcomes: list[tuple[str, float, str]] = []
 
     def answered(self, protocol: str, seconds: float, reason: str = "") -> None:
-        # sent to the hub in batches, every 0.1 s at most: one message per request would cost the hub more
-        # than the request itself
+        # sent to the hub in batches, every 0.1 s at most, not as a second message per request
         if not self._outcomes:
             self.remote.loop.call_later(0.1, self._flush)
         self._outcomes.append((protocol, seconds, reason))
@@ -391,22 +391,6 @@ class _Metrics:
         return await self.remote.metrics_text()
 
 
-class _Queue:
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-
-
-class _Options:
-    def __init__(self, spec: WorkerSpec) -> None:
-        self.timeout_s = spec.timeout_s
-        self.max_queue_delay_us = spec.max_queue_delay_us
-
-
-class _Cfg:
-    def __init__(self, microbatch: int) -> None:
-        self.microbatch = microbatch
-
-
 class RemoteService:
     """The :class:`~quantpipe.serve.service.InferenceService` interface the fronts use, in a worker:
     conversion and outputs here, the pipeline in the hub."""
@@ -416,9 +400,10 @@ class RemoteService:
 
         self.spec, self.index = spec, index
         self.model = spec.model
-        self.options = _Options(spec)
-        self.queue = _Queue(spec.queue_capacity)
-        self.cfg = _Cfg(spec.microbatch)
+        self.options = spec.options
+        # what the fronts read of the hub's queue and config (Triton's model config endpoint)
+        self.queue = SimpleNamespace(capacity=spec.queue_capacity)
+        self.cfg = SimpleNamespace(microbatch=spec.microbatch)
         self.metrics = _Metrics(self)
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -431,7 +416,7 @@ class RemoteService:
         self._metrics: list[asyncio.Future] = []
         self._ready = False
         self._heard = 0.0
-        self._decoder = ThreadPoolExecutor(spec.decode_workers, thread_name_prefix="quantpipe-serve-decode")
+        self._decoder = ThreadPoolExecutor(spec.options.decode_workers, thread_name_prefix="quantpipe-serve-decode")
         self._task: asyncio.Task | None = None
         self._out: asyncio.Queue = asyncio.Queue()
         self._sender: asyncio.Task | None = None
@@ -519,7 +504,7 @@ class RemoteService:
         self.send_nowait([b"infer", rid, head, images])
         try:
             # the hub answers every request within its timeout; the margin covers a hub that died
-            y = await asyncio.wait_for(fut, self.spec.timeout_s + _HUB_LOST_S)
+            y = await asyncio.wait_for(fut, self.options.timeout_s + _HUB_LOST_S)
         except asyncio.TimeoutError:
             raise InferError("the serving hub did not answer within the timeout", 504, "timeout") from None
         except asyncio.CancelledError:  # the client went away: the hub frees its place in the queue
@@ -545,31 +530,20 @@ def worker_main(spec: WorkerSpec, index: int) -> None:
 
 
 async def _serve_worker(spec: WorkerSpec, index: int) -> None:
-    from quantpipe.serve.observe import AccessLog
+    from quantpipe.serve.command import start_fronts
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     service = RemoteService(spec, index)
-    access = AccessLog(logging.getLogger("quantpipe.serve.access"), spec.access_log_per_s)
-    fronts = []
-    if spec.http is not None:
-        from quantpipe.serve.http_front import HttpFront
-
-        fronts.append(HttpFront(service, *spec.http, token=spec.token, max_body_bytes=spec.max_body_bytes,
-                                access_log=access, reuse_port=True))
-    if spec.grpc is not None:
-        from quantpipe.serve.grpc_front import GrpcFront
-
-        fronts.append(GrpcFront(service, *spec.grpc, token=spec.token, max_message_bytes=spec.max_body_bytes,
-                                access_log=access, reuse_port=True))
-    for f in fronts:
-        await f.start()
+    fronts = await start_fronts(service, spec.http, spec.grpc, token=spec.token, max_body_bytes=spec.max_body_bytes,
+                                access_log_per_s=spec.access_log_per_s, reuse_port=True)
     service.start()  # hello: the hub counts this worker as listening
     try:
         await stop.wait()
     finally:
         for f in fronts:
-            await f.stop()
+            if f is not None:
+                await f.stop()
         service.stop()

@@ -21,9 +21,9 @@ import uuid
 
 import pytest
 
+from quantpipe.benchmarks import free_port as _free_port
 from quantpipe.runtime.launcher import NETLINKS
 from quantpipe.runtime.timeline import read_jsonl
-from quantpipe.benchmarks import free_port as _free_port
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -171,8 +171,6 @@ def test_output_rate_is_back_within_two_windows_after_8x_and_20x_drops(netns_pre
         if a["step_s"] > 0:  # the steps, not the start (whose first window also measures the connection's ramp)
             assert a["changes_after_settling"] <= 1, a
         previous = a["decisions"][-1]
-
-
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
