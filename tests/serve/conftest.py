@@ -67,6 +67,12 @@ def stop_process(p: subprocess.Popen) -> None:
             p.wait(5)
 
 
+def serve_cli(config: Path, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess:
+    """``quantpipe serve --config CONFIG ARGS...`` run to its end (for flags it must refuse), output captured."""
+    return subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
 def wait_http_ready(url: str, timeout_s: float = 20.0, process: subprocess.Popen | None = None) -> None:
     """Until ``GET http://URL/v2/health/ready`` answers 200; fails after ``timeout_s`` or if ``process``
     (a `quantpipe serve` started by the test) exits first."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from quantpipe.runtime.config import load_config
 from quantpipe.serve.model import BUILTIN_MODEL_NAME as MODEL
-from tests.serve.conftest import free_port, stages_in_threads, wait_http_ready, write_config
+from tests.serve.conftest import free_port, serve_cli, stages_in_threads, wait_http_ready, write_config
 
 
 def test_serve_subcommand_answers_json_infer_and_stops_on_sigterm(tmp_path):
@@ -46,8 +46,7 @@ def test_serve_subcommand_answers_json_infer_and_stops_on_sigterm(tmp_path):
 
 def test_bad_listen_address_is_a_one_line_error(tmp_path):
     path = write_config(tmp_path, ["builtin:identity"])
-    r = subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(path), "--http", "localhost"],
-                       capture_output=True, text=True, timeout=60)
+    r = serve_cli(path, "--http", "localhost")
     assert r.returncode == 1 and "write HOST:PORT" in r.stderr and "Traceback" not in r.stderr
 
 

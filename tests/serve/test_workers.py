@@ -22,7 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from quantpipe.runtime.config import load_config
 from quantpipe.serve.model import BUILTIN_MODEL_NAME as MODEL
-from tests.serve.conftest import ServerThread, free_port, stages_in_threads, wait_http_ready, write_config
+from tests.serve.conftest import (ServerThread, free_port, serve_cli, stages_in_threads, wait_http_ready,
+                                  write_config)
 from tests.serve.test_http import _images, _input, chained
 
 
@@ -155,8 +156,7 @@ def test_serve_with_workers_stops_on_sigterm_and_leaves_no_worker(tmp_path):
 
 def test_workers_must_be_at_least_one(tmp_path):
     path = write_config(tmp_path, ["builtin:identity"])
-    r = subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(path), "--workers", "0"],
-                       capture_output=True, text=True, timeout=60)
+    r = serve_cli(path, "--workers", "0")
     assert r.returncode == 1 and "--workers must be >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -169,8 +169,7 @@ def test_a_port_another_server_listens_on_is_refused_not_shared(tmp_path):
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(path), "--workers", "2",
-                            "--http", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60)
+        r = serve_cli(path, "--workers", "2", "--http", f"127.0.0.1:{port}")
     assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
