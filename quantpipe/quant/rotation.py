@@ -243,7 +243,13 @@ class Rotation:
 
 
 def _wht(a: np.ndarray, groups: int, q: int) -> None:
-    """In-place Walsh-Hadamard butterfly over ``groups`` blocks of ``q`` values in each row of ``a``."""
+    """In-place Walsh-Hadamard butterfly over ``groups`` blocks of ``q`` values in each row of ``a``
+    (C-contiguous), stage by stage: stage ``h`` pairs group ``g`` with ``g + h``, ``h = 1, 2, 4, ...``.
+
+    With numba, the first four stages of each block of 16 groups run in one pass with the values in
+    registers (``_kernels.H16``, for ``q`` = 12, 16, 20 and at least 16 groups), the later, long-span
+    stages through :func:`~quantpipe.quant._kernels.wht_rows`; without it the same stages in the same
+    order as numpy operations. All three give the same bits."""
     if groups == 1:
         return
     from quantpipe.quant.codec import _kernels_or_none  # QUANTPIPE_CODEC picks the kernels here too
@@ -260,4 +266,11 @@ def _wht(a: np.ndarray, groups: int, q: int) -> None:
             top[...] = s
             h *= 2
         return
-    kernels.wht_rows(a.reshape(-1), a.shape[1], groups, q)
+    flat = a.reshape(-1)
+    first = 1
+    h16 = kernels.H16.get(q) if groups % 16 == 0 else None
+    if h16 is not None:
+        h16(flat)
+        first = 16
+    if groups > first:
+        kernels.wht_rows(flat, a.shape[1], groups, q, first)

@@ -170,6 +170,23 @@ def test_fast_rotation_equals_the_dense_product(c, backend, monkeypatch):
     assert np.max(np.abs(back - x)) < 1e-5 * max(1.0, np.abs(x).max())
 
 
+@pytest.mark.parametrize("c", [192, 256, 320, 384, 768, 1024, 96])
+def test_the_register_butterfly_gives_the_bits_of_the_stagewise_one(c, monkeypatch):
+    # numba's H16 kernels (four stages per pass, 16 or more groups) against numpy's stage-by-stage butterfly
+    r = rotation.orthogonal_matrix(c, seed=9)
+    x = np.random.default_rng(c + 1).standard_normal((9, 11, c)).astype(np.float32)
+    got = {}
+    for backend in ("fast", "reference"):
+        monkeypatch.setenv("QUANTPIPE_CODEC", backend)
+        rot = rotation.Rotation(r)
+        out, back = np.empty_like(x), np.empty_like(x)
+        rot.apply(x, out)
+        rot.invert(out, back)
+        got[backend] = (out, back)
+    assert np.array_equal(got["fast"][0], got["reference"][0])
+    assert np.array_equal(got["fast"][1], got["reference"][1])
+
+
 def test_a_random_rotation_is_applied_densely():
     r = rotation.orthogonal_matrix(192, seed=1, kind="random")
     rot = rotation.Rotation(r)
