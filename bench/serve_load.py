@@ -15,8 +15,11 @@ each, one request = ``--images-per-request`` FP32 preprocessed images, binary te
 sends the same KServe v2 binary request prebuilt, over ``http.client``, so that the clients take little
 of the CPU the pipeline needs), measuring for
 ``--seconds`` after a warm-up at each concurrency. It prints one row per (pipeline, first hop,
-concurrency): images/s, the ratio to ``quantpipe run``'s rate, latency p50/p99, and first-hop bytes
-per image. On a small machine the clients share the CPU with the pipeline: the ratio then includes the
+concurrency): images/s, the ratio to ``quantpipe run``'s rate, latency p50/p99, first-hop bytes
+per image, CPU cores of the server, its workers and the machine, and where a request's time went from
+the server's histograms: ``front ms`` (arrival to answer in the HTTP/gRPC front), ``queue ms`` (waiting
+for a microbatch and a credit), ``stages ms`` (a microbatch's trip from stage 0 to the result) and the
+mean microbatch size. On a small machine the clients share the CPU with the pipeline: the ratio then includes the
 clients' own cost.
 """
 
@@ -205,6 +208,31 @@ def _metric(url: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+#: Histograms whose means over a level say where a request's time goes (sums and counts are summed over labels).
+_STAGES = {"server": "quantpipe_serve_request_seconds", "queue": "quantpipe_serve_queue_seconds",
+           "pipeline": "quantpipe_serve_pipeline_seconds", "batch": "quantpipe_serve_batch_images"}
+
+
+def _histograms(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each of :data:`_STAGES` from the server's /metrics."""
+    text = urllib.request.urlopen(f"http://{url}/metrics", timeout=10).read().decode()
+    out = {}
+    for key, name in _STAGES.items():
+        sums = [float(v) for v in re.findall(rf"^{name}_sum(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        counts = [float(v) for v in re.findall(rf"^{name}_count(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+        out[key] = (sum(sums), sum(counts))
+    return out
+
+
+def _means(before: dict, after: dict) -> dict[str, float]:
+    """Mean of each histogram over the observations between two scrapes (ms for times)."""
+    out = {}
+    for key in _STAGES:
+        ds, dn = after[key][0] - before[key][0], after[key][1] - before[key][1]
+        out[key] = (ds / dn) * (1 if key == "batch" else 1000) if dn > 0 else float("nan")
+    return out
+
+
 def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, warm_s: float,
                  seconds: float, kind: str, workers: int = 1, client_procs: int = 4) -> list[dict]:
     if first_hop == "uint8" and 'engine = "stage0.onnx"' in config.read_text():
@@ -239,6 +267,7 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
             b0, i0 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
             kids = _children(server.pid)
             hub0, kids0, m0, t0 = _cpu_s(server.pid), sum(_cpu_s(k) for k in kids), _machine_busy_s(), time.monotonic()
+            h0 = _histograms(url)
             row = load(f"127.0.0.1:{grpc_port}" if kind == "grpc" else url, model, shape, c, warm_s, seconds, kind,
                        client_procs)
             wall = time.monotonic() - t0  # warm-up and client start included: CPU shares, not exact costs
@@ -248,6 +277,9 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
             row["machine_cpu"] = (_machine_busy_s() - m0) / wall  # clients, server, workers and stages together
             b1, i1 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
             row["first_hop_bytes_per_image"] = (b1 - b0) / max(1.0, i1 - i0)
+            # where a request's time went, server side (warm-up included): arrival to answer in the front,
+            # waiting in the queue for a microbatch and a credit, the microbatch's trip through the stages
+            row.update({f"mean_{k}": v for k, v in _means(h0, _histograms(url)).items()})
             rows.append(row)
     finally:
         for p in [server, *stages]:
@@ -398,7 +430,7 @@ def main() -> int:
             rate = run_rate(cfg, count, Path(tmp) / f"run-{name}")
             print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images, {RUN_CORES[-1]:.1f} cores busy; "
                   "the ratios below are to this rate)")
-            print(f"{'first hop':>9} {'workers':>7} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4} {'server cores':>12} {'worker cores':>12} {'all cores':>9}")
+            print(f"{'first hop':>9} {'workers':>7} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4} {'server cores':>12} {'worker cores':>12} {'all cores':>9} {'front ms':>8} {'queue ms':>8} {'stages ms':>9} {'batch':>5}")
             seconds = args.seconds if name == "builtin" else (args.deit_seconds or 3 * args.seconds)
             for hop, workers in [(h, int(w)) for h in hops for w in args.workers.split(",")]:
                 for r in serve_levels(cfg, hop, levels, (args.images_per_request, 3, 224, 224), args.warmup, seconds,
@@ -406,7 +438,8 @@ def main() -> int:
                     r.update(pipeline=name, first_hop=hop, run_images_per_s=rate, ratio=r["images_per_s"] / rate)
                     all_rows.append(r)
                     print(f"{hop:>9} {workers:>7} {r['concurrency']:>5} {r['images_per_s']:>8.1f} {r['ratio']:>6.0%} {r['p50_ms']:>8.1f} "
-                          f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4} {r['server_cpu']:>12.2f} {r['workers_cpu']:>12.2f} {r['machine_cpu']:>9.2f}")
+                          f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4} {r['server_cpu']:>12.2f} {r['workers_cpu']:>12.2f} {r['machine_cpu']:>9.2f} "
+                          f"{r['mean_server']:>8.1f} {r['mean_queue']:>8.1f} {r['mean_pipeline']:>9.1f} {r['mean_batch']:>5.1f}")
             again = run_rate(cfg, count, Path(tmp) / f"run-{name}-again")
             print(f"{name}: quantpipe run again after the serve levels: {again:.1f} img/s (drift of the machine)")
     print(f"\nload after: {os.getloadavg()[0]:.2f}")

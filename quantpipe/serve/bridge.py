@@ -81,18 +81,21 @@ class Bridge:
         post: schedules a callable on the event loop (``loop.call_soon_threadsafe``).
         ctx: ZeroMQ context (CURVE-configured when ``keys_dir`` is set).
         observe_batch: called with each microbatch's size, its requests' queue times and its bytes (metrics).
+        observe_round_trip: called with each answered microbatch's seconds from its send to its result.
         on_reject: called with the kind of every result message dropped (metrics).
         stall_s: not ready while a microbatch is older than this (and 4x the slowest round trip).
     """
 
     def __init__(self, cfg: PipelineConfig, queue: RequestQueue, deliver: Callable, post: Callable,
                  ctx: zmq.Context, observe_batch: Callable[[int, list[float], int], None] = lambda n, q, b: None,
-                 on_reject: Callable[[str], None] = lambda kind: None, stall_s: float = 10.0) -> None:
+                 on_reject: Callable[[str], None] = lambda kind: None, stall_s: float = 10.0,
+                 observe_round_trip: Callable[[float], None] = lambda s: None) -> None:
         self.cfg = cfg
         self.queue = queue
         self.deliver = deliver
         self.post = post
         self.observe_batch = observe_batch
+        self.observe_round_trip = observe_round_trip
         self.stall_s = stall_s
         self._slowest = 0.0  # longest microbatch round trip seen, s
         opts = LinkOptions(window=cfg.credits)
@@ -232,7 +235,9 @@ class Bridge:
             self.receiver.accept(msg)
             parts = [(s, y[s.offset:s.offset + s.count]) for s in entry.segments]
         del self._inflight[h.seq]
-        self._slowest = max(self._slowest, time.monotonic() - entry.sent_at)
+        trip = time.monotonic() - entry.sent_at
+        self._slowest = max(self._slowest, trip)
+        self.observe_round_trip(trip)
         self.post(self.deliver, parts)
         self.receiver.done(h.seq)  # handed to the waiting requests: the last stage may forget it
 

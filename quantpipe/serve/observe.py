@@ -44,6 +44,8 @@ class ServeMetrics:
                                  ["protocol"], buckets=_LATENCY, registry=r)
         self.queue_time = Histogram("quantpipe_serve_queue_seconds", "time a request waited before its images left",
                                     buckets=_LATENCY, registry=r)
+        self.round_trip = Histogram("quantpipe_serve_pipeline_seconds", "microbatch round trip through the stages, "
+                                    "from its send to stage 0 to its result", buckets=_LATENCY, registry=r)
         self.batch = Histogram("quantpipe_serve_batch_images", "images per microbatch sent to stage 0",
                                buckets=_BATCH, registry=r)
         self.first_hop_bytes = Counter("quantpipe_serve_first_hop_bytes", "bytes of frames sent to stage 0 "

@@ -74,7 +74,7 @@ class InferenceService:
         self.queue = RequestQueue(capacity, cfg.microbatch, options.max_queue_delay_us / 1e6)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.bridge = Bridge(cfg, self.queue, self._deliver, self._post, ctx, observe_batch=self.metrics.observe_batch,
-                             stall_s=options.stall_s)
+                             stall_s=options.stall_s, observe_round_trip=self.metrics.round_trip.observe)
         self.queue._wake = self.bridge.wake
         self._decoder = ThreadPoolExecutor(options.decode_workers, thread_name_prefix="quantpipe-serve-decode")
         self._in_flight = 0

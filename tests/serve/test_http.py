@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -138,6 +139,10 @@ def test_sixteen_concurrent_async_requests_each_get_their_own_result(builtin_pip
     text = urllib.request.urlopen(f"http://{srv.http_url}/metrics").read().decode()
     assert 'quantpipe_serve_requests_total{outcome="ok",protocol="http"} 16.0' in text
     assert "quantpipe_serve_batch_images_count" in text
+    # every microbatch that carried them made one round trip through the stages
+    batches_sent = float(re.search(r"^quantpipe_serve_batch_images_count (\S+)$", text, re.M).group(1))
+    trips = float(re.search(r"^quantpipe_serve_pipeline_seconds_count (\S+)$", text, re.M).group(1))
+    assert batches_sent >= 1 and trips == batches_sent
 
 
 def test_bad_requests_get_clear_errors(builtin_pipeline):
