@@ -18,8 +18,8 @@ of the CPU the pipeline needs), measuring for
 concurrency): images/s, the ratio to ``quantpipe run``'s rate, latency p50/p99, first-hop bytes
 per image, CPU cores of the server, its workers and the machine, and where a request's time went from
 the server's histograms: ``front ms`` (arrival to answer in the HTTP/gRPC front), ``queue ms`` (waiting
-for a microbatch and a credit), ``stages ms`` (a microbatch's trip from stage 0 to the result) and the
-mean microbatch size. On a small machine the clients share the CPU with the pipeline: the ratio then includes the
+for a microbatch and a credit), ``stages ms`` (a microbatch's trip from stage 0 to the result), the
+mean microbatch size and the CPU cores each stage daemon was busy. On a small machine the clients share the CPU with the pipeline: the ratio then includes the
 clients' own cost.
 """
 
@@ -66,13 +66,35 @@ def run_rate(config: Path, count: int, out: Path) -> float:
     m0, t0 = _machine_busy_s(), time.monotonic()
     p = _cli("run", "--config", str(config), "--count", str(count), "--rate", "1000000", "--out", str(out), "-q",
              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if p.wait(600) != 0:
+    samples: dict[int, tuple[int, list[tuple[float, float]]]] = {}  # stage pid -> (index, [(t, CPU s)])
+    deadline = time.monotonic() + 600
+    while p.poll() is None:  # the stage daemons' CPU, sampled every 0.1 s while they run
+        for kid in _children(p.pid):
+            try:
+                argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--stage" in argv and argv.index(b"--stage") + 1 < len(argv):
+                samples.setdefault(kid, (int(argv[argv.index(b"--stage") + 1]), []))[1].append(
+                    (time.monotonic(), _cpu_s(kid)))
+        if time.monotonic() > deadline:
+            p.kill()
+        time.sleep(0.1)
+    if p.returncode != 0:
         raise SystemExit(f"quantpipe run failed; see {out}/logs")
     RUN_CORES.append((_machine_busy_s() - m0) / (time.monotonic() - t0))
-    return float(json.loads((out / "summary.json").read_text())["output_rate"])
+    rate = float(json.loads((out / "summary.json").read_text())["output_rate"])
+    busy = []  # cores each stage was busy over the middle of its samples (start-up and drain left out)
+    for _, pts in sorted(samples.values()):
+        pts = [q for q in pts if q[1] > 0]
+        a, b = pts[len(pts) * 2 // 5] if pts else (0, 0), pts[len(pts) * 9 // 10] if pts else (0, 0)
+        busy.append((b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else float("nan"))
+    RUN_STAGE_MS.append([1000 * c / rate for c in busy])
+    return rate
 
 
 RUN_CORES: list[float] = []  # cores busy on the whole machine during each quantpipe run (start-up included)
+RUN_STAGE_MS: list[list[float]] = []  # CPU ms per image of each stage daemon in each quantpipe run's steady part
 
 
 def _raw_request(model: str, x: np.ndarray):
@@ -268,6 +290,7 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
             kids = _children(server.pid)
             hub0, kids0, m0, t0 = _cpu_s(server.pid), sum(_cpu_s(k) for k in kids), _machine_busy_s(), time.monotonic()
             h0 = _histograms(url)
+            st0 = [_cpu_s(p.pid) for p in stages]
             row = load(f"127.0.0.1:{grpc_port}" if kind == "grpc" else url, model, shape, c, warm_s, seconds, kind,
                        client_procs)
             wall = time.monotonic() - t0  # warm-up and client start included: CPU shares, not exact costs
@@ -275,6 +298,7 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
             row["server_cpu"] = (_cpu_s(server.pid) - hub0) / wall  # cores busy in the server (the hub with workers)
             row["workers_cpu"] = (sum(_cpu_s(k) for k in kids) - kids0) / wall  # cores busy in its children
             row["machine_cpu"] = (_machine_busy_s() - m0) / wall  # clients, server, workers and stages together
+            row["stage_cpu"] = [(_cpu_s(p.pid) - c) / wall for p, c in zip(stages, st0)]  # cores busy in each stage
             b1, i1 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")
             row["first_hop_bytes_per_image"] = (b1 - b0) / max(1.0, i1 - i0)
             # where a request's time went, server side (warm-up included): arrival to answer in the front,
@@ -428,18 +452,21 @@ def main() -> int:
             cfg = _config_on_free_ports(src, Path(tmp) / f"{name}.toml", stages_dir)
             count = args.run_images or (1600 if name == "builtin" else 240)
             rate = run_rate(cfg, count, Path(tmp) / f"run-{name}")
-            print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images, {RUN_CORES[-1]:.1f} cores busy; "
-                  "the ratios below are to this rate)")
-            print(f"{'first hop':>9} {'workers':>7} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4} {'server cores':>12} {'worker cores':>12} {'all cores':>9} {'front ms':>8} {'queue ms':>8} {'stages ms':>9} {'batch':>5}")
+            print(f"\n{name}: quantpipe run {rate:.1f} img/s ({count} images, {RUN_CORES[-1]:.1f} cores busy, stage CPU "
+                  f"{' / '.join(f'{m:.3f}' for m in RUN_STAGE_MS[-1])} ms per image; the ratios below are to this rate)")
+            print(f"{'first hop':>9} {'workers':>7} {'conc':>5} {'img/s':>8} {'vs run':>7} {'p50 ms':>8} {'p99 ms':>8} {'hop KB/img':>10} {'err':>4} {'server cores':>12} {'worker cores':>12} {'all cores':>9} {'front ms':>8} {'queue ms':>8} {'stages ms':>9} {'batch':>5}  stage cores (CPU ms per image)")
             seconds = args.seconds if name == "builtin" else (args.deit_seconds or 3 * args.seconds)
             for hop, workers in [(h, int(w)) for h in hops for w in args.workers.split(",")]:
                 for r in serve_levels(cfg, hop, levels, (args.images_per_request, 3, 224, 224), args.warmup, seconds,
                                       args.client, workers, args.client_procs):
                     r.update(pipeline=name, first_hop=hop, run_images_per_s=rate, ratio=r["images_per_s"] / rate)
                     all_rows.append(r)
+                    cores = " / ".join(f"{c:.2f}" for c in r["stage_cpu"])
+                    per_image = " / ".join(f"{1000 * c / max(r['images_per_s'], 1e-9):.3f}" for c in r["stage_cpu"])
                     print(f"{hop:>9} {workers:>7} {r['concurrency']:>5} {r['images_per_s']:>8.1f} {r['ratio']:>6.0%} {r['p50_ms']:>8.1f} "
                           f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4} {r['server_cpu']:>12.2f} {r['workers_cpu']:>12.2f} {r['machine_cpu']:>9.2f} "
-                          f"{r['mean_server']:>8.1f} {r['mean_queue']:>8.1f} {r['mean_pipeline']:>9.1f} {r['mean_batch']:>5.1f}")
+                          f"{r['mean_server']:>8.1f} {r['mean_queue']:>8.1f} {r['mean_pipeline']:>9.1f} {r['mean_batch']:>5.1f}  "
+                          f"{cores} ({per_image})")
             again = run_rate(cfg, count, Path(tmp) / f"run-{name}-again")
             print(f"{name}: quantpipe run again after the serve levels: {again:.1f} img/s (drift of the machine)")
     print(f"\nload after: {os.getloadavg()[0]:.2f}")
