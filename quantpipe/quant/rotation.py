@@ -210,7 +210,8 @@ class Rotation:
         return self._tmp[:n]
 
     def apply(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out[...] = x @ R`` over the last axis; ``out`` is a float32 array of x's size, not ``x``."""
+        """``out[...] = x @ R`` over the last axis; ``out`` is a C-contiguous float32 array of x's size, not ``x``."""
+        _check_out(out)
         x2 = x.reshape(-1, self.channels)
         o2 = out.reshape(-1, self.channels)
         if not self.fast:
@@ -227,7 +228,9 @@ class Rotation:
         return out
 
     def invert(self, y: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """``out[...] = y @ R.T`` (the receiver's inverse); ``out`` may be ``y`` only for the dense kind."""
+        """``out[...] = y @ R.T`` (the receiver's inverse); ``out`` (C-contiguous) may be ``y`` only for the
+        dense kind."""
+        _check_out(out)
         y2 = y.reshape(-1, self.channels)
         o2 = out.reshape(-1, self.channels)
         if not self.fast:
@@ -240,6 +243,12 @@ class Rotation:
         _wht(o2, self.groups, self._q)
         np.multiply(o2, self._scaled_signs, out=o2)
         return out
+
+
+def _check_out(out: np.ndarray) -> None:
+    """The results are written through ``out.reshape``, which would copy (and lose them) for a strided ``out``."""
+    if not (out.flags.c_contiguous and out.dtype == np.float32):
+        raise ValueError(f"Rotation writes into a C-contiguous float32 out; got {out.dtype} with strides {out.strides}")
 
 
 def _wht(a: np.ndarray, groups: int, q: int) -> None:

@@ -187,6 +187,16 @@ def test_the_register_butterfly_gives_the_bits_of_the_stagewise_one(c, monkeypat
     assert np.array_equal(got["fast"][1], got["reference"][1])
 
 
+def test_a_strided_out_is_refused_rather_than_left_unwritten():
+    rot = rotation.Rotation(rotation.orthogonal_matrix(192, seed=2))
+    x = np.ones((4, 192), dtype=np.float32)
+    strided = np.zeros((4, 384), dtype=np.float32)[:, ::2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rot.apply(x, strided)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        rot.invert(x, strided)
+
+
 def test_a_random_rotation_is_applied_densely():
     r = rotation.orthogonal_matrix(192, seed=1, kind="random")
     rot = rotation.Rotation(r)
