@@ -222,7 +222,11 @@ class Rotation:
             _wht(o2, self.groups, 1)
             return out
         t = self._scratch(x2.size).reshape(x2.shape)
-        np.multiply(x2, self._scaled_signs, out=t)
+        kernels = _kernels()
+        if kernels is None:
+            np.multiply(x2, self._scaled_signs, out=t)
+        else:
+            kernels.mul_rows(_ro(x2.reshape(-1)), _ro(self._scaled_signs), t.reshape(-1))
         _wht(t, self.groups, self._q)
         np.matmul(t.reshape(-1, self._q), self._base, out=o2.reshape(-1, self._q))
         return out
@@ -241,8 +245,28 @@ class Rotation:
         else:
             np.matmul(y2.reshape(-1, self._q), self._base_t, out=o2.reshape(-1, self._q))
         _wht(o2, self.groups, self._q)
-        np.multiply(o2, self._scaled_signs, out=o2)
+        kernels = _kernels()
+        if kernels is None:
+            np.multiply(o2, self._scaled_signs, out=o2)
+        else:
+            kernels.mul_rows_inplace(o2.reshape(-1), _ro(self._scaled_signs))
         return out
+
+
+def _kernels():
+    """The numba kernels module, or None (no numba, or ``QUANTPIPE_CODEC=reference``)."""
+    from quantpipe.quant.codec import _kernels_or_none  # QUANTPIPE_CODEC picks the kernels here too
+
+    return _kernels_or_none()
+
+
+def _ro(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernels are compiled for read-only inputs only (writability is part of numba's type)."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
 
 
 def _check_out(out: np.ndarray) -> None:
@@ -261,9 +285,7 @@ def _wht(a: np.ndarray, groups: int, q: int) -> None:
     order as numpy operations. All three give the same bits."""
     if groups == 1:
         return
-    from quantpipe.quant.codec import _kernels_or_none  # QUANTPIPE_CODEC picks the kernels here too
-
-    kernels = _kernels_or_none()
+    kernels = _kernels()
     if kernels is None:  # no numba (or QUANTPIPE_CODEC=reference): the same butterfly with numpy views
         v = a.reshape(a.shape[0], groups, q)
         h = 1
