@@ -66,35 +66,47 @@ def run_rate(config: Path, count: int, out: Path) -> float:
     m0, t0 = _machine_busy_s(), time.monotonic()
     p = _cli("run", "--config", str(config), "--count", str(count), "--rate", "1000000", "--out", str(out), "-q",
              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    samples: dict[int, tuple[int, list[tuple[float, float]]]] = {}  # stage pid -> (index, [(t, CPU s)])
+    samples: dict[int, tuple[int, list[tuple[float, float]]]] = {}  # stage pid -> (index, [(wall t, CPU s)])
     deadline = time.monotonic() + 600
     while p.poll() is None:  # the stage daemons' CPU, sampled every 0.1 s while they run
         for kid in _children(p.pid):
-            try:
-                argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"--stage" in argv and argv.index(b"--stage") + 1 < len(argv):
-                samples.setdefault(kid, (int(argv[argv.index(b"--stage") + 1]), []))[1].append(
-                    (time.monotonic(), _cpu_s(kid)))
+            if kid not in samples:
+                try:
+                    argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"--stage" not in argv or argv.index(b"--stage") + 1 >= len(argv):
+                    continue
+                samples[kid] = (int(argv[argv.index(b"--stage") + 1]), [])
+            samples[kid][1].append((time.time(), _cpu_s(kid)))
         if time.monotonic() > deadline:
-            p.kill()
+            p.terminate()  # the launcher stops its children on SIGTERM
         time.sleep(0.1)
     if p.returncode != 0:
         raise SystemExit(f"quantpipe run failed; see {out}/logs")
     RUN_CORES.append((_machine_busy_s() - m0) / (time.monotonic() - t0))
     rate = float(json.loads((out / "summary.json").read_text())["output_rate"])
-    busy = []  # cores each stage was busy over the middle of its samples (start-up and drain left out)
+    # CPU per image over the part of the run when results flowed (from the fifth result on), start-up,
+    # waiting for the source and the drain left out: CPU seconds between the samples nearest to that
+    # window's ends, over the results in between
+    times = sorted(r["t"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines()) if "t" in r)
+    per_image = []
     for _, pts in sorted(samples.values()):
         pts = [q for q in pts if q[1] > 0]
-        a, b = pts[len(pts) * 2 // 5] if pts else (0, 0), pts[len(pts) * 9 // 10] if pts else (0, 0)
-        busy.append((b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else float("nan"))
-    RUN_STAGE_MS.append([1000 * c / rate for c in busy])
+        if len(times) < 10 or len(pts) < 2:
+            per_image.append(float("nan"))
+            continue
+        ta = times[len(times) // 5]
+        a = min(pts, key=lambda q: abs(q[0] - ta))
+        b = pts[-1]  # the last sample before the daemon exited
+        n = sum(1 for t in times if a[0] <= t <= b[0])
+        per_image.append(1000 * (b[1] - a[1]) / n if n else float("nan"))
+    RUN_STAGE_MS.append(per_image)
     return rate
 
 
 RUN_CORES: list[float] = []  # cores busy on the whole machine during each quantpipe run (start-up included)
-RUN_STAGE_MS: list[list[float]] = []  # CPU ms per image of each stage daemon in each quantpipe run's steady part
+RUN_STAGE_MS: list[list[float]] = []  # CPU ms per image of each stage daemon while results flowed, per quantpipe run
 
 
 def _raw_request(model: str, x: np.ndarray):
@@ -462,7 +474,8 @@ def main() -> int:
                     r.update(pipeline=name, first_hop=hop, run_images_per_s=rate, ratio=r["images_per_s"] / rate)
                     all_rows.append(r)
                     cores = " / ".join(f"{c:.2f}" for c in r["stage_cpu"])
-                    per_image = " / ".join(f"{1000 * c / max(r['images_per_s'], 1e-9):.3f}" for c in r["stage_cpu"])
+                    per_image = " / ".join(f"{1000 * c / r['images_per_s']:.3f}" if r["images_per_s"] > 0 else "nan"
+                                           for c in r["stage_cpu"])
                     print(f"{hop:>9} {workers:>7} {r['concurrency']:>5} {r['images_per_s']:>8.1f} {r['ratio']:>6.0%} {r['p50_ms']:>8.1f} "
                           f"{r['p99_ms']:>8.1f} {r['first_hop_bytes_per_image'] / 1000:>10.1f} {r['errors']:>4} {r['server_cpu']:>12.2f} {r['workers_cpu']:>12.2f} {r['machine_cpu']:>9.2f} "
                           f"{r['mean_server']:>8.1f} {r['mean_queue']:>8.1f} {r['mean_pipeline']:>9.1f} {r['mean_batch']:>5.1f}  "
