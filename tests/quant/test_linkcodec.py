@@ -173,8 +173,13 @@ def test_fast_rotation_equals_the_dense_product(c, backend, monkeypatch):
 @pytest.mark.parametrize("c", [192, 256, 320, 384, 768, 1024, 96])
 def test_the_register_butterfly_gives_the_bits_of_the_stagewise_one(c, monkeypatch):
     # numba's H16 kernels (four stages per pass, 16 or more groups) against numpy's stage-by-stage butterfly
+    from quantpipe.quant import _kernels
+
     r = rotation.orthogonal_matrix(c, seed=9)
     x = np.random.default_rng(c + 1).standard_normal((9, 11, c)).astype(np.float32)
+    calls = []
+    for q, kernel in list(_kernels.H16.items()):  # record that the register kernel is the one that ran
+        monkeypatch.setitem(_kernels.H16, q, lambda t, kernel=kernel, q=q: (calls.append(q), kernel(t)))
     got = {}
     for backend in ("fast", "reference"):
         monkeypatch.setenv("QUANTPIPE_CODEC", backend)
@@ -185,6 +190,8 @@ def test_the_register_butterfly_gives_the_bits_of_the_stagewise_one(c, monkeypat
         got[backend] = (out, back)
     assert np.array_equal(got["fast"][0], got["reference"][0])
     assert np.array_equal(got["fast"][1], got["reference"][1])
+    registers = rot.groups % 16 == 0 and rot._q in _kernels.H16_Q  # 96 = 8 groups of 12: stage by stage
+    assert calls == ([rot._q, rot._q] if registers else []), (c, rot.groups, rot._q, calls)
 
 
 def test_a_strided_out_is_refused_rather_than_left_unwritten():
