@@ -40,7 +40,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["row_period", "encode_into", "decode_into", "warmup"]
+__all__ = ["row_period", "encode_into", "decode_into", "warmup", "readonly"]
 
 # No fastmath (see the module docstring); boundscheck off is numba's default, stated to be explicit.
 _JIT = {"cache": True, "nogil": True, "boundscheck": False, "error_model": "numpy"}
@@ -241,7 +241,7 @@ def encode_into(x: np.ndarray, lo: np.ndarray, inv: np.ndarray, bits: int, out: 
         out: uint8 array of exactly ``ceil(x.size * bits / 8)`` bytes.
     """
     _check_arrays(x, lo, inv, bits, out)
-    x, lo, inv = _readonly(x), _readonly(lo), _readonly(inv)
+    x, lo, inv = readonly(x), readonly(lo), readonly(inv)
     if bits == 16:
         if out.ctypes.data % 2 == 0:  # the stream is the little-endian uint16 codes themselves
             return int(_encode_wide_aligned(x, lo, inv, out.view(np.uint16)))
@@ -389,10 +389,10 @@ def decode_into(buf: np.ndarray, step: np.ndarray, lo: np.ndarray, bits: int, y:
         y: 1-D C-contiguous float32 output.
     """
     _check_arrays(y, lo, step, bits, buf)
-    buf, step, lo = _readonly(buf), _readonly(step), _readonly(lo)
+    buf, step, lo = readonly(buf), readonly(step), readonly(lo)
     if bits == 16:
         if buf.ctypes.data % 2 == 0:
-            _decode_wide_aligned(_readonly(buf.view(np.uint16)), step, lo, y)
+            _decode_wide_aligned(readonly(buf.view(np.uint16)), step, lo, y)
         else:
             _decode_wide(buf, step, lo, y)
     else:
@@ -415,7 +415,7 @@ def _check_arrays(values: np.ndarray, lo: np.ndarray, table: np.ndarray, bits: i
         )
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
+def readonly(a: np.ndarray) -> np.ndarray:
     """A read-only view of ``a``.
 
     numba compiles one specialization per argument type, and writability is part of the type. Inputs
@@ -449,8 +449,8 @@ def warmup() -> None:
     wht_rows(np.zeros(64, dtype=np.float32), 32, 2, 16, 1)
     for q, h16 in H16.items():
         h16(np.zeros(16 * q, dtype=np.float32))
-    signs = _readonly(np.ones(4, dtype=np.float32))
-    mul_rows(_readonly(np.zeros(8, dtype=np.float32)), signs, np.empty(8, dtype=np.float32))
+    signs = readonly(np.ones(4, dtype=np.float32))
+    mul_rows(readonly(np.zeros(8, dtype=np.float32)), signs, np.empty(8, dtype=np.float32))
     mul_rows_inplace(np.zeros(8, dtype=np.float32), signs)
 
 

@@ -26,6 +26,7 @@ last bits of LAPACK's QR for ``"random"``). A clip table stores the matrix anywa
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import numpy as np
 
@@ -219,15 +220,15 @@ class Rotation:
             return out
         if self._base is None:
             np.multiply(x2, self._scaled_signs, out=o2)
-            _wht(o2, self.groups, 1)
+            _wht(o2, self.groups, 1, _kernels())
             return out
         t = self._scratch(x2.size).reshape(x2.shape)
         kernels = _kernels()
         if kernels is None:
             np.multiply(x2, self._scaled_signs, out=t)
         else:
-            kernels.mul_rows(_ro(x2.reshape(-1)), _ro(self._scaled_signs), t.reshape(-1))
-        _wht(t, self.groups, self._q)
+            kernels.mul_rows(kernels.readonly(x2.reshape(-1)), kernels.readonly(self._scaled_signs), t.reshape(-1))
+        _wht(t, self.groups, self._q, kernels)
         np.matmul(t.reshape(-1, self._q), self._base, out=o2.reshape(-1, self._q))
         return out
 
@@ -244,29 +245,20 @@ class Rotation:
             np.copyto(o2, y2)
         else:
             np.matmul(y2.reshape(-1, self._q), self._base_t, out=o2.reshape(-1, self._q))
-        _wht(o2, self.groups, self._q)
         kernels = _kernels()
+        _wht(o2, self.groups, self._q, kernels)
         if kernels is None:
             np.multiply(o2, self._scaled_signs, out=o2)
         else:
-            kernels.mul_rows_inplace(o2.reshape(-1), _ro(self._scaled_signs))
+            kernels.mul_rows_inplace(o2.reshape(-1), kernels.readonly(self._scaled_signs))
         return out
 
 
-def _kernels():
+def _kernels() -> ModuleType | None:
     """The numba kernels module, or None (no numba, or ``QUANTPIPE_CODEC=reference``)."""
     from quantpipe.quant.codec import _kernels_or_none  # QUANTPIPE_CODEC picks the kernels here too
 
     return _kernels_or_none()
-
-
-def _ro(a: np.ndarray) -> np.ndarray:
-    """A read-only view: the kernels are compiled for read-only inputs only (writability is part of numba's type)."""
-    if not a.flags.writeable:
-        return a
-    v = a.view()
-    v.flags.writeable = False
-    return v
 
 
 def _check_out(out: np.ndarray) -> None:
@@ -275,17 +267,17 @@ def _check_out(out: np.ndarray) -> None:
         raise ValueError(f"Rotation writes into a C-contiguous float32 out; got {out.dtype} with strides {out.strides}")
 
 
-def _wht(a: np.ndarray, groups: int, q: int) -> None:
+def _wht(a: np.ndarray, groups: int, q: int, kernels: ModuleType | None) -> None:
     """In-place Walsh-Hadamard butterfly over ``groups`` blocks of ``q`` values in each row of ``a``
     (C-contiguous), stage by stage: stage ``h`` pairs group ``g`` with ``g + h``, ``h = 1, 2, 4, ...``.
 
     With numba, the first four stages of each block of 16 groups run in one pass with the values in
     registers (``_kernels.H16``, for ``q`` = 12, 16, 20 and at least 16 groups), the later, long-span
     stages through :func:`~quantpipe.quant._kernels.wht_rows`; without it the same stages in the same
-    order as numpy operations. All three give the same bits."""
+    order as numpy operations. All three give the same bits. ``kernels``: :func:`_kernels`, looked up by
+    the caller (None: the numpy path)."""
     if groups == 1:
         return
-    kernels = _kernels()
     if kernels is None:  # no numba (or QUANTPIPE_CODEC=reference): the same butterfly with numpy views
         v = a.reshape(a.shape[0], groups, q)
         h = 1
