@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from quantpipe.benchmarks import free_port as _free_port
+from quantpipe.benchmarks import wait_http_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
@@ -67,9 +68,11 @@ def run_rate(config: Path, count: int, out: Path) -> float:
     p = _cli("run", "--config", str(config), "--count", str(count), "--rate", "1000000", "--out", str(out), "-q",
              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     samples: dict[int, tuple[int, list[tuple[float, float]]]] = {}  # stage pid -> (index, [(wall t, CPU s)])
+    n_stages = len(re.findall(r"^\[\[stages\]\]", config.read_text(), re.M))
     deadline = time.monotonic() + 600
     while p.poll() is None:  # the stage daemons' CPU, sampled every 0.1 s while they run
-        for kid in _children(p.pid):
+        # scan /proc for the launcher's children only until every stage daemon is known
+        for kid in list(samples) if len(samples) >= n_stages else _children(p.pid):
             if kid not in samples:
                 try:
                     argv = Path(f"/proc/{kid}/cmdline").read_bytes().split(b"\0")
@@ -286,16 +289,10 @@ def serve_levels(config: Path, first_hop: str, levels: list[int], shape: tuple, 
     url = f"127.0.0.1:{port}"
     rows = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise SystemExit("quantpipe serve did not become ready")
-            time.sleep(0.2)
+        try:
+            wait_http_ready(url, 120, server, poll_s=0.2)
+        except TimeoutError:
+            raise SystemExit("quantpipe serve did not become ready") from None
         model = json.loads(urllib.request.urlopen(f"http://{url}/v2/repository/index", data=b"").read())[0]["name"]
         for c in levels:
             b0, i0 = _metric(url, "quantpipe_serve_first_hop_bytes_total"), _metric(url, "quantpipe_serve_images_sent_total")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import time
+import urllib.request
 
-__all__ = ["free_port"]
+__all__ = ["free_port", "wait_http_ready"]
 
 _GIVEN: set[int] = set()
 
@@ -21,3 +24,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         if port not in _GIVEN:
             _GIVEN.add(port)
             return port
+
+
+def wait_http_ready(url: str, timeout_s: float = 20.0, process: subprocess.Popen | None = None,
+                    poll_s: float = 0.1) -> None:
+    """Until ``GET http://URL/v2/health/ready`` answers 200 (a ``quantpipe serve`` at ``URL`` is ready).
+
+    Raises:
+        TimeoutError: not ready within ``timeout_s``, or ``process`` (the server, when the caller started
+            it) exited first.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or (process is not None and process.poll() is not None):
+            raise TimeoutError(f"the server at {url} did not become ready")
+        time.sleep(poll_s)

@@ -19,6 +19,7 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("tritonclient.http")
 
 from quantpipe.benchmarks import free_port  # noqa: E402 - never the same port twice in a process
+from quantpipe.benchmarks import wait_http_ready  # noqa: E402,F401 - the serve tests import it from here
 from quantpipe.runtime.config import PipelineConfig, load_config  # noqa: E402
 from quantpipe.runtime.stage import StageDaemon  # noqa: E402
 
@@ -71,23 +72,6 @@ def serve_cli(config: Path, *args: str, timeout_s: float = 60) -> subprocess.Com
     """``quantpipe serve --config CONFIG ARGS...`` run to its end (for flags it must refuse), output captured."""
     return subprocess.run([sys.executable, "-m", "quantpipe.cli", "serve", "--config", str(config), *args],
                           capture_output=True, text=True, timeout=timeout_s)
-
-
-def wait_http_ready(url: str, timeout_s: float = 20.0, process: subprocess.Popen | None = None) -> None:
-    """Until ``GET http://URL/v2/health/ready`` answers 200; fails after ``timeout_s`` or if ``process``
-    (a `quantpipe serve` started by the test) exits first."""
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2).status == 200:
-                return
-        except OSError:
-            pass
-        assert time.monotonic() < deadline and (process is None or process.poll() is None), \
-            f"the server at {url} did not become ready"
-        time.sleep(0.1)
 
 
 class ServerThread:
