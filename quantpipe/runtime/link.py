@@ -64,6 +64,7 @@ from quantpipe import wire
 from quantpipe.errors import FrameError
 from quantpipe.runtime.bandwidth import BandwidthEstimator, WindowStats
 from quantpipe.runtime.shaping import EmulatedLink
+from quantpipe.runtime.tcpinfo import tcp_progress_for
 
 __all__ = ["LinkOptions", "LinkSender", "LinkReceiver", "Message"]
 
@@ -81,6 +82,8 @@ class LinkOptions:
     peer_timeout_s: float = 3.0
     max_message_bytes: int = 256 * 1024 * 1024
     inflight_delay_s: float = 0.1
+    #: also read the TCP connection's acknowledged bytes inside frames (Linux; see quantpipe.runtime.tcpinfo)
+    tcp_progress: bool = True
 
 
 def _incarnation() -> int:
@@ -138,7 +141,11 @@ class LinkSender:
         self.sock.setsockopt(zmq.SNDHWM, options.window + 8)
         self.sock.setsockopt(zmq.RCVHWM, 4 * options.window + 64)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # only small control messages come back
-        self.sock.connect(address)
+        # The kernel's acknowledged-byte counter measures the link inside a frame (bandwidth.py); an
+        # emulated link delays frames in this process, where TCP cannot see it, so it has none.
+        self.tcp = tcp_progress_for(self.sock, address) if options.tcp_progress and shaper is None else None
+        self._tcp_read_at = -1e18
+        self.sock.connect(address)  # after the monitor, so that its connection event is seen
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         # Acked (the receiver holds them) but not DONE (not yet handed on): resent if the receiver
         # restarts, because what it held died with it.
@@ -299,6 +306,7 @@ class LinkSender:
                 wait_ms = min(wait_ms, 2)  # emulated frames are released by time, not by events
             handled = False
             if self.sock.poll(wait_ms, zmq.POLLIN):
+                self._read_tcp(self.clock(), force=True)  # the connection's progress up to these acks
                 while True:
                     try:
                         self._handle(self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=True))
@@ -306,12 +314,26 @@ class LinkSender:
                     except zmq.Again:
                         break
             now = self.clock()
+            self._read_tcp(now)
             self._transmit_queued()
             self._resend_due(now)
             if now - self._last_sent >= self.options.heartbeat_interval_s:
                 self._heartbeat(now)
             if handled or now >= deadline:
                 return
+
+    def _read_tcp(self, now: float, force: bool = False) -> None:
+        """Hand the estimator a reading of the connection's acknowledged bytes while frames are
+        outstanding (every 20 ms at most, or ``force``: just before acks are handled)."""
+        if self.tcp is None:
+            return
+        self.tcp.poll_events()
+        if self.estimator.outstanding == 0 or (not force and now - self._tcp_read_at < 0.02):
+            return
+        self._tcp_read_at = now
+        reading = self.tcp.read()
+        if reading is not None:
+            self.estimator.on_tcp(now, *reading)
 
     def _heartbeat(self, now: float) -> None:
         try:
@@ -343,6 +365,8 @@ class LinkSender:
         return not (self._pending or self._custody)
 
     def close(self) -> None:
+        if self.tcp is not None:
+            self.tcp.close()
         self.sock.close(linger=0)  # unacked data is the upstream's to resend, never a reason to hang
 
 

@@ -26,7 +26,10 @@ policy moves on it only when that bound already calls for the narrowest rung, wh
 could change; otherwise it keeps the bitwidth until the next window, which measures the new link
 alone about one frame later (:class:`~quantpipe.runtime.bandwidth.BandwidthEstimator`), and then
 moves once. Moving on the bound would take the widest rung the blend allows and, since the blend
-overstates the new rate, a second, narrower one a frame later.
+overstates the new rate, a second, narrower one a frame later. Where the link reads its TCP
+connection's acknowledged bytes inside the frame (:mod:`quantpipe.runtime.tcpinfo`) the collapse
+window is a measurement of the new link instead (:attr:`WindowStats.from_tcp`), and the policy moves on
+it at once like on any other window.
 """
 
 from __future__ import annotations

@@ -300,7 +300,8 @@ class StageDaemon:
                       "images": stats.images, "bytes": stats.bytes, "busy_s": stats.busy_s,
                       "stall_s": stats.stall_s, "elapsed_s": stats.elapsed_s, "output_rate": stats.output_rate,
                       "closed_early": getattr(stats, "closed_early", False),
-                      "upper_bound": getattr(stats, "upper_bound", False)}
+                      "upper_bound": getattr(stats, "upper_bound", False),
+                      "from_tcp": getattr(stats, "from_tcp", False)}
             if self.bits != previous:
                 log.info("stage %d: %d -> %d bits (link %.1f Mbit/s, %.1f img/s)", self.k, previous, self.bits,
                          stats.bandwidth / MBIT, stats.output_rate)

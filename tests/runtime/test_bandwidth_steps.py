@@ -87,6 +87,83 @@ def test_a_collapse_mid_frame_is_an_upper_bound_and_the_next_frame_measures_the_
     assert closed[0].bandwidth == pytest.approx(6.05e6 / 8)
 
 
+def _straddler_with_tcp(est: BandwidthEstimator, t: float, old: float, new: float, fraction_old: float,
+                        every: float = 0.05, acked: int = 1) -> tuple:
+    """:func:`_straddler`, with the connection's acknowledged-byte counter read every ``every`` s while
+    the frame crosses (backlogged), then once idle before its ack, as ``LinkSender`` reads it."""
+    est.on_send(t)
+    step = t + fraction_old * FRAME / old
+    end = step + (1 - fraction_old) * FRAME / new
+    r = t + every
+    while r < end:
+        carried = (min(r, step) - t) * old + max(0.0, r - step) * new
+        est.on_tcp(r, acked + int(carried), True)
+        r += every
+    est.on_tcp(end, acked + FRAME, False)
+    return est.on_ack(end, FRAME, 8, 32, FRAME), end
+
+
+@pytest.mark.parametrize("fraction_old", [0.1, 0.5, 0.8])
+def test_a_collapse_measured_inside_the_frame_is_a_measurement_not_a_bound(fraction_old):
+    # The 20x drop at three points of a 32-bit frame: the kernel's acked bytes after the trigger crossed
+    # the new link alone, so the window closes on the new rate (within the readings' granularity).
+    est = BandwidthEstimator(window=10, max_window_s=5.3)
+    _, t = _stream(est, [6.05e6] * 10)
+    stats, _ = _straddler_with_tcp(est, t, 6.05e6, 6.05e6 / 20, fraction_old)
+    assert stats is not None and stats.closed_early and stats.from_tcp and not stats.upper_bound
+    assert stats.bandwidth == pytest.approx(6.05e6 / 20, rel=0.02)
+    assert stats.images == 8 and stats.fp32_bytes == FRAME  # the demand is the frame's
+    assert est.estimate == stats.bandwidth and est.tcp_windows == 1
+    assert PaperPolicy([32, 16, 8, 6, 4, 2], 30.0).update(stats) == 2  # 2.42 Mbit/s carries 30 img/s at 2 bits only
+
+
+def test_the_measurement_is_the_links_rate_once_tcp_has_recovered_from_the_step():
+    # 8x drop mid-frame; for 0.5 s after it the connection delivers at half the new rate (TCP recovering
+    # the packets the shaper dropped as its queue shrank, seen in a netns run), then at the new rate.
+    est = BandwidthEstimator(window=10, max_window_s=5.3)
+    _, t = _stream(est, [6.05e6] * 10)
+    old, new = 6.05e6, 6.05e6 / 8
+    est.on_send(t)
+    step = t + 0.3 * FRAME / old
+    rates = [(t, old), (step, new / 2), (step + 0.5, new)]
+    end = _finish(t, FRAME, rates)
+    r = t + 0.05
+    while r < end:
+        est.on_tcp(r, 1 + int(_carried(t, r, rates)), True)
+        r += 0.05
+    est.on_tcp(end, 1 + FRAME, False)
+    stats = est.on_ack(end, FRAME, 8, 32, FRAME)
+    assert stats is not None and stats.from_tcp
+    assert stats.bandwidth == pytest.approx(new, rel=0.03)  # not the 0.5-0.75x of the whole span
+    assert PaperPolicy([32, 16, 8, 6, 4, 2], 30.0).update(stats) == 4
+
+
+@pytest.mark.parametrize("every", [0.3, 0.2])
+def test_too_few_readings_after_the_trigger_leave_the_upper_bound(every):
+    # The step comes when 90 % of the frame has crossed (0.4 s on the new link). Read every 0.3 s the
+    # counter never gives a trigger; every 0.2 s it does, but on the last reading before the frame
+    # ends: either way the frame's rate stays an upper bound, as without readings.
+    est = BandwidthEstimator(window=10, max_window_s=5.3)
+    _, t = _stream(est, [6.05e6] * 10)
+    stats, _ = _straddler_with_tcp(est, t, 6.05e6, 6.05e6 / 20, 0.9, every=every)
+    assert stats is not None and stats.upper_bound and not stats.from_tcp
+
+
+def test_idle_or_restarted_connections_do_not_trigger():
+    est = BandwidthEstimator(window=10)
+    _, t = _stream(est, [6.05e6] * 10)
+    est.on_send(t)
+    # readings while the connection has nothing to deliver (a paced sender between frames) are ignored,
+    # and a counter that went backwards (a new connection) starts a new run
+    for i in range(10):
+        est.on_tcp(t + 0.05 * i, 5_000_000, False)
+    est.on_tcp(t + 0.6, 9_000_000, True)
+    est.on_tcp(t + 0.65, 10, True)
+    est.on_tcp(t + 0.7, 20, True)
+    assert est._tcp_after == []
+    assert est.on_ack(t + 0.2, FRAME, 8, 32, FRAME) is None  # an ordinary frame: nothing closes
+
+
 def test_noise_on_a_steady_link_does_not_close_windows_early():
     est = BandwidthEstimator(window=10)
     # short frames, +-40 % jitter and one frame delayed 3x (too short to count on its own)
@@ -188,21 +265,42 @@ def _finish(start: float, nbytes: int, steps: list[tuple[float, float]]) -> floa
         t, i = nxt, i + 1
 
 
+def _carried(start: float, end: float, steps: list[tuple[float, float]]) -> float:
+    """Bytes a busy link of ``steps`` [(t, bytes/s)] carries from ``start`` to ``end``."""
+    total = 0.0
+    for i, (ts, r) in enumerate(steps):
+        te = steps[i + 1][0] if i + 1 < len(steps) else float("inf")
+        lo, hi = max(start, ts), min(end, te)
+        if hi > lo:
+            total += (hi - lo) * r
+    return total
+
+
 def _paced_stage(mbit: list[tuple[float, float]], duration: float, offset: float, rate: float = 30.0,
-                 window: int = 10) -> tuple[list, list]:
+                 window: int = 10, tcp_every: float | None = None) -> tuple[list, list]:
     """Microbatches of 8 arrive every 8/R s from ``offset``; one frame in flight (what the credit window's
     byte bound allows for these frames), encoded at the policy's bitwidth when it goes out; the ack
-    comes 0.5 ms after the last byte. Returns (decisions [(t, bits)], result times)."""
+    comes 0.5 ms after the last byte. With ``tcp_every`` the sender also reads the connection's
+    acknowledged-byte counter every that many seconds while a frame crosses (and once, idle, before the
+    ack), as ``LinkSender`` does on Linux. Returns (decisions [(t, bits)], result times)."""
     est = BandwidthEstimator(window, max_window_s=2 * window * 8 / rate)
     policy = PaperPolicy([32, 16, 8, 6, 4, 2], rate)
     link = [(t, r * 1e6 / 8 * 0.956) for t, r in mbit]  # TCP/IP headers: ~4.4 % of a tbf link
-    free, decisions, results = 0.0, [], []
+    free, decisions, results, acked = 0.0, [], [], 1
     for k in range(int(duration * rate / 8)):
         sent, bits = max(offset + k * 8 / rate, free), policy.current
         nbytes = FP32_MB * bits // 32 + 72
         est.on_send(sent)
         arrived = _finish(sent, nbytes, link)
+        if tcp_every:
+            t = sent + tcp_every
+            while t < arrived:
+                est.on_tcp(t, acked + int(_carried(sent, t, link)), True)
+                t += tcp_every
+            acked += nbytes
         free = arrived + 0.0005
+        if tcp_every:
+            est.on_tcp(free, acked, False)
         results += [arrived] * 8
         stats = est.on_ack(free, nbytes, 8, bits, FP32_MB)
         if stats is not None:
@@ -230,3 +328,22 @@ def test_each_step_of_the_issues_link_is_followed_by_one_change(phase):
         assert changes == [(before, final)], (start, before, phase_bits)
         settle = output_settle(results, start, min(end, max(results)), 30.0, slack_images=8)
         assert settle is not None and settle <= max_windows * nominal, (start, settle)
+
+
+@pytest.mark.parametrize("phase", [i / 32 for i in range(32)])
+def test_with_the_connections_acks_every_step_settles_within_two_windows_in_one_change(phase):
+    """The same stage and link, now reading the TCP connection's acknowledged bytes every 50 ms as
+    ``LinkSender`` does on Linux: the frame that straddles a collapse measures the new link inside
+    itself, and the policy moves once, straight to the final rung, without another frame at the old
+    bitwidth. Without the readings (the test above) the 20x drop takes up to 2.23 windows; with them
+    at most 1.54 (the 8x drop 0.6), measured over 64 phases."""
+    mbit = [(0.0, 48.4), (15.0, 6.05), (30.0, 48.4), (45.0, 2.42)]
+    decisions, results = _paced_stage(mbit, 57.0, offset=phase * 8 / 30, tcp_every=0.05)
+    nominal = 10 * 8 / 30
+    for (start, _), (end, _), final in zip(mbit[1:], mbit[2:] + [(57.0, 0)], [4, 32, 2]):
+        before = [b for t, b in decisions if t < start][-1]
+        phase_bits = [b for t, b in decisions if start <= t < end]
+        changes = [(x, y) for x, y in zip([before, *phase_bits], phase_bits) if x != y]
+        assert changes == [(before, final)], (start, before, phase_bits)
+        settle = output_settle(results, start, min(end, max(results)), 30.0, slack_images=8)
+        assert settle is not None and settle <= 1.6 * nominal, (start, settle)

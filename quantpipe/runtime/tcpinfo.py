@@ -1,0 +1,113 @@
+"""How many bytes the TCP connection under a ZeroMQ DEALER has had acknowledged (Linux ``TCP_INFO``).
+
+A link's application-level ack comes once per frame, so a frame that straddles a step of the link rate
+is one sample that blends the old and the new rate (:mod:`quantpipe.runtime.bandwidth`). The kernel
+knows more: ``tcpi_bytes_acked`` grows as the receiver's TCP acknowledges each segment, so while the
+connection has data outstanding its growth *is* the link's delivery rate, measured inside the frame.
+:class:`TcpProgress` finds the connection's file descriptor from the socket's monitor events
+(``EVENT_CONNECTED`` carries it), and :meth:`TcpProgress.read` returns ``(bytes_acked, backlogged)``,
+``backlogged`` meaning that the connection still had unacknowledged or unsent bytes (so the counter was
+limited by the link, not by a sender with nothing to send).
+
+Read-only, best effort: the descriptor belongs to libzmq's I/O thread, so it is only ever queried
+(``getsockopt``), never kept open, duplicated or closed here; a descriptor that went away (the monitor
+says so, or the call fails) is forgotten until the next connection. Where ``TCP_INFO`` or
+``tcpi_bytes_acked`` (Linux 4.2+) is missing, or the link is not TCP (ipc://, inproc://), :meth:`read`
+returns None and the estimator works from application acks alone, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import sys
+
+import zmq
+
+__all__ = ["TcpProgress", "tcp_progress_for"]
+
+log = logging.getLogger(__name__)
+
+# struct tcp_info (include/uapi/linux/tcp.h): offsets of the fields read here.
+_UNACKED = struct.Struct("<I")  # tcpi_unacked, offset 24 (segments sent, not yet acked)
+_BYTES_ACKED = struct.Struct("<Q")  # tcpi_bytes_acked, offset 120 (RFC 4898 tcpEStatsAppHCThruOctetsAcked)
+_NOTSENT = struct.Struct("<I")  # tcpi_notsent_bytes, offset 144
+_INFO_LEN = 152
+
+_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+
+def _read_fd(fd: int) -> tuple[int, bool]:
+    """(bytes_acked, backlogged) of TCP socket ``fd``; raises OSError if it is not one (any more)."""
+    s = socket.socket(fileno=fd)  # wraps the descriptor without duplicating it ...
+    try:
+        buf = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_LEN)
+    finally:
+        s.detach()  # ... and gives it back untouched: libzmq owns and closes it
+    if len(buf) < _INFO_LEN:
+        raise OSError("TCP_INFO without tcpi_bytes_acked (kernel older than 4.2)")
+    acked = _BYTES_ACKED.unpack_from(buf, 120)[0]
+    backlogged = _UNACKED.unpack_from(buf, 24)[0] > 0 or _NOTSENT.unpack_from(buf, 144)[0] > 0
+    return acked, backlogged
+
+
+class TcpProgress:
+    """The acknowledged-byte counter of the TCP connection a ZeroMQ socket keeps to one peer.
+
+    Call :meth:`poll_events` often (the link does it in its pump) so that a reconnection is followed,
+    and :meth:`close` before closing the socket.
+    """
+
+    def __init__(self, sock: zmq.Socket) -> None:
+        self._sock = sock
+        self._monitor = sock.get_monitor_socket(_EVENTS)
+        self.fd: int | None = None
+
+    def poll_events(self) -> None:
+        """Follow connections and disconnections (non-blocking)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                self.fd = None
+                return
+            event, value = ev.get("event"), ev.get("value")
+            if event == zmq.EVENT_CONNECTED:
+                self.fd = int(value)
+            elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and value == self.fd:
+                self.fd = None
+
+    def read(self) -> tuple[int, bool] | None:
+        """``(bytes_acked, backlogged)`` of the current connection, or None (none, or not readable)."""
+        if self.fd is None:
+            return None
+        try:
+            return _read_fd(self.fd)
+        except OSError as exc:
+            log.debug("TCP_INFO of fd %s unreadable (%s): forgotten until the next connection", self.fd, exc)
+            self.fd = None
+            return None
+
+    def close(self) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+
+
+def tcp_progress_for(sock: zmq.Socket, address: str) -> TcpProgress | None:
+    """A :class:`TcpProgress` for a socket connected to ``address``, or None where it cannot work
+    (not Linux, no ``TCP_INFO``, or not a ``tcp://`` address)."""
+    if not sys.platform.startswith("linux") or not hasattr(socket, "TCP_INFO") or not address.startswith("tcp://"):
+        return None
+    try:
+        return TcpProgress(sock)
+    except zmq.ZMQError as exc:  # e.g. a libzmq built without monitoring
+        log.debug("no socket monitor for %s (%s): bandwidth from application acks only", address, exc)
+        return None
