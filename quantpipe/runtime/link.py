@@ -141,8 +141,8 @@ class LinkSender:
         self.sock.setsockopt(zmq.SNDHWM, options.window + 8)
         self.sock.setsockopt(zmq.RCVHWM, 4 * options.window + 64)
         self.sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)  # only small control messages come back
-        # The kernel's acknowledged-byte counter measures the link inside a frame (bandwidth.py); an
-        # emulated link delays frames in this process, where TCP cannot see it, so it has none.
+        # The kernel's acknowledged-byte counter measures the link inside a frame (bandwidth.py). An
+        # emulated link delays frames in this process, where TCP cannot see it: it emulates the counter.
         self.tcp = tcp_progress_for(self.sock, address) if options.tcp_progress and shaper is None else None
         self._tcp_read_at = -1e18
         self.sock.connect(address)  # after the monitor, so that its connection event is seen
@@ -325,13 +325,14 @@ class LinkSender:
     def _read_tcp(self, now: float, force: bool = False) -> None:
         """Hand the estimator a reading of the connection's acknowledged bytes while frames are
         outstanding (every 20 ms at most, or ``force``: just before acks are handled)."""
-        if self.tcp is None:
+        if self.tcp is None and (self.shaper is None or not self.options.tcp_progress):
             return
-        self.tcp.poll_events()
+        if self.tcp is not None:
+            self.tcp.poll_events()
         if self.estimator.outstanding == 0 or (not force and now - self._tcp_read_at < 0.02):
             return
         self._tcp_read_at = now
-        reading = self.tcp.read()
+        reading = self.tcp.read() if self.tcp is not None else self.shaper.progress(now)
         if reading is not None:
             self.estimator.on_tcp(now, *reading)
 

@@ -14,6 +14,8 @@ network: figures in BENCHMARKS.md say which one they used.
 
 from __future__ import annotations
 
+import collections
+
 import math
 from dataclasses import dataclass
 
@@ -90,6 +92,8 @@ class EmulatedLink:
             raise ConfigError(f"an emulated link needs rate > 0 bytes/s (got {rate})")
         self.rate = float(rate)
         self._free_at = now
+        self._crossing: collections.deque[tuple[float, float, int]] = collections.deque()  # (start, end, bytes)
+        self._crossed = 0
 
     def set_rate(self, rate: float, now: float) -> None:
         """Change the rate for frames offered from ``now`` on (a frame in serialization keeps its time)."""
@@ -101,4 +105,17 @@ class EmulatedLink:
         """Offer a frame of ``nbytes`` at ``now``; returns when it has fully crossed the link."""
         start = max(now, self._free_at)
         self._free_at = start + nbytes / self.rate
+        self.progress(now)  # forget what has crossed, also when nobody reads the progress
+        self._crossing.append((start, self._free_at, int(nbytes)))
         return self._free_at
+
+    def progress(self, now: float) -> tuple[int, bool]:
+        """``(bytes crossed so far, a frame is crossing now)``: what a real link's TCP connection reports
+        as its acknowledged bytes (:mod:`quantpipe.runtime.tcpinfo`), for a frame's bytes crossing at
+        its rate from its start to its release."""
+        while self._crossing and self._crossing[0][1] <= now:
+            self._crossed += self._crossing.popleft()[2]
+        if not self._crossing or self._crossing[0][0] > now:
+            return self._crossed, False
+        start, end, nbytes = self._crossing[0]
+        return self._crossed + int(nbytes * (now - start) / (end - start)), True

@@ -100,3 +100,16 @@ def test_only_unshaped_tcp_links_read_the_counter():
             s.close()
     finally:
         ctx.term()
+
+
+def test_an_emulated_link_reports_its_progress_as_tcp_would():
+    link = EmulatedLink(1000.0, 0.0)
+    assert link.release_time(500, 0.0) == 0.5
+    assert link.release_time(1000, 0.2) == 1.5  # serialized after the first
+    assert link.progress(0.25) == (250, True)
+    assert link.progress(1.0) == (1000, True)  # the first crossed, half of the second
+    assert link.progress(2.0) == (1500, False)
+    link.set_rate(100.0, 2.0)
+    assert link.release_time(100, 3.0) == 4.0
+    assert link.progress(2.5) == (1500, False)  # idle until the next frame starts
+    assert link.progress(3.5) == (1550, True)
