@@ -248,8 +248,12 @@ class BandwidthEstimator:
         if not backlogged or self._outstanding == 0:
             run.clear()  # the run ends; a trigger and its last reading wait for the frame's ack
             return
-        if not run or acked < run[-1][1]:  # a new run (or a new connection, whose counter starts over)
-            run.clear()
+        if run and acked < run[-1][1]:
+            if acked < run[-1][1] // 2:  # a new connection: its counter starts over
+                run.clear()
+            else:  # SACKed segments counted at the MSS, then acked at their size: never backwards
+                acked = run[-1][1]
+        if not run:  # a new run
             self._tcp_after = []
         run.append((now, acked))
         if self._tcp_after:

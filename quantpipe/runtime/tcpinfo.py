@@ -5,7 +5,8 @@ is one sample that blends the old and the new rate (:mod:`quantpipe.runtime.band
 knows more: ``tcpi_bytes_acked`` grows as the receiver's TCP acknowledges each segment, so while the
 connection has data outstanding its growth *is* the link's delivery rate, measured inside the frame.
 :class:`TcpProgress` finds the connection's file descriptor from the socket's monitor events
-(``EVENT_CONNECTED`` carries it), and :meth:`TcpProgress.read` returns ``(bytes_acked, backlogged)``,
+(``EVENT_CONNECTED`` carries it), and :meth:`TcpProgress.read` returns ``(delivered, backlogged)``,
+``delivered`` being ``tcpi_bytes_acked`` plus the segments the peer acknowledged selectively (SACK),
 ``backlogged`` meaning that the connection still had unacknowledged or unsent bytes (so the counter was
 limited by the link, not by a sender with nothing to send).
 
@@ -30,7 +31,9 @@ __all__ = ["TcpProgress", "tcp_progress_for"]
 log = logging.getLogger(__name__)
 
 # struct tcp_info (include/uapi/linux/tcp.h): offsets of the fields read here.
+_SND_MSS = struct.Struct("<I")  # tcpi_snd_mss, offset 16
 _UNACKED = struct.Struct("<I")  # tcpi_unacked, offset 24 (segments sent, not yet acked)
+_SACKED = struct.Struct("<I")  # tcpi_sacked, offset 28 (segments the peer has selectively acknowledged)
 _BYTES_ACKED = struct.Struct("<Q")  # tcpi_bytes_acked, offset 120 (RFC 4898 tcpEStatsAppHCThruOctetsAcked)
 _NOTSENT = struct.Struct("<I")  # tcpi_notsent_bytes, offset 144
 _INFO_LEN = 152
@@ -39,7 +42,7 @@ _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
 def _read_fd(fd: int) -> tuple[int, bool]:
-    """(bytes_acked, backlogged) of TCP socket ``fd``; raises OSError if it is not one (any more)."""
+    """(delivered bytes, backlogged) of TCP socket ``fd``; raises OSError if it is not one (any more)."""
     s = socket.socket(fileno=fd)  # wraps the descriptor without duplicating it ...
     try:
         buf = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_LEN)
@@ -47,7 +50,10 @@ def _read_fd(fd: int) -> tuple[int, bool]:
         s.detach()  # ... and gives it back untouched: libzmq owns and closes it
     if len(buf) < _INFO_LEN:
         raise OSError("TCP_INFO without tcpi_bytes_acked (kernel older than 4.2)")
-    acked = _BYTES_ACKED.unpack_from(buf, 120)[0]
+    # Cumulatively acked bytes jump when a retransmission fills a hole, by all that the peer had SACKed
+    # beyond it; counting SACKed segments as they arrive keeps the counter at the link's pace through
+    # loss recovery (exact when nothing is lost: then nothing is SACKed).
+    acked = _BYTES_ACKED.unpack_from(buf, 120)[0] + _SACKED.unpack_from(buf, 28)[0] * _SND_MSS.unpack_from(buf, 16)[0]
     backlogged = _UNACKED.unpack_from(buf, 24)[0] > 0 or _NOTSENT.unpack_from(buf, 144)[0] > 0
     return acked, backlogged
 
@@ -83,7 +89,7 @@ class TcpProgress:
                 self.fd = None
 
     def read(self) -> tuple[int, bool] | None:
-        """``(bytes_acked, backlogged)`` of the current connection, or None (none, or not readable)."""
+        """``(delivered bytes, backlogged)`` of the current connection, or None (none, or not readable)."""
         if self.fd is None:
             return None
         try:
