@@ -54,8 +54,13 @@ def run_once(workdir: Path, schedule: str, tail_s: float, prefix: str) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"quantpipe run failed ({done.returncode}): {done.stdout[-2000:]} {done.stderr[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
+    # how stage 0 measured each collapse: inside the frame by its TCP connection's acks, or as a bound
+    windows = [json.loads(line) for line in (out / "events-stage0.jsonl").read_text().splitlines() if line.strip()]
+    collapses = [{"bits": e["bits"], "next_bits": e["next_bits"], "mbit": round(e["bandwidth_Bps"] * 8e-6, 2),
+                  "how": "tcp" if e.get("from_tcp") else "bound" if e.get("upper_bound") else "acks"}
+                 for e in windows if e.get("event") == "window" and e.get("closed_early")]
     return {"wall_s": round(time.monotonic() - t, 1), "images": summary["images"], "errors": summary["errors"],
-            "adaptation": summary["adaptation"], "printed": done.stdout.strip().splitlines()}
+            "adaptation": summary["adaptation"], "collapses": collapses, "printed": done.stdout.strip().splitlines()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  step t={a['step_s']:g}s: floor {a.get('floor_rate')} img/s, back after "
                       f"{a.get('settle_s')} s = {a.get('settled_after_windows')} window(s); changes after: "
                       f"{a.get('changes_after_settling')}; bits {a['decisions']}")
+            print("  windows closed early (stage 0): " + ("; ".join(
+                f"{c['bits']} -> {c['next_bits']} bits on {c['mbit']} Mbit/s ({c['how']})" for c in r["collapses"])
+                or "none"))
     if args.json:
         print(json.dumps(report, indent=2))
     return 0
