@@ -25,6 +25,7 @@ import struct
 import sys
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 __all__ = ["TcpProgress", "tcp_progress_for"]
 
@@ -71,15 +72,15 @@ class TcpProgress:
         self.fd: int | None = None
 
     def poll_events(self) -> None:
-        """Follow connections and disconnections (non-blocking)."""
-        from zmq.utils.monitor import recv_monitor_message
-
+        """Follow connections and disconnections (non-blocking; about 1 us when nothing happened)."""
         while True:
             try:
+                if not self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
                 ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            except zmq.ZMQError:
+            except zmq.ZMQError:  # the monitor is gone (the context is closing)
                 self.fd = None
                 return
             event, value = ev.get("event"), ev.get("value")
