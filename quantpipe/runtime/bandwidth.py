@@ -224,6 +224,11 @@ class BandwidthEstimator:
         return self._outstanding
 
     @property
+    def oldest_send(self) -> float | None:
+        """When the oldest frame not yet acknowledged went out (None: none outstanding)."""
+        return self._sent_at[0][0] if self._sent_at else None
+
+    @property
     def estimate(self) -> float:
         """The last closed window's bandwidth in bytes/s (0 before the first window closes)."""
         return self._last_estimate
