@@ -31,7 +31,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", default="2,8,16")
     ap.add_argument("--repeat", type=int, default=15)
-    ap.add_argument("--sweep", action="store_true", help="also time tile rows 2..32 x blocks of 64/128/256 threads")
+    ap.add_argument("--sweep", action="store_true", help="also time tile rows 2..32 x blocks of 64..256 threads x "
+                    "2/4/8 blocks per SM (each looping over tiles) or one block per tile")
+    ap.add_argument("--shapes", default="", help="only these shapes, e.g. 32x197x192,64x197x768")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     import cupy as cp
@@ -66,7 +68,8 @@ def main() -> int:
                 per.append(cp.cuda.get_elapsed_time(start, stop) / 1e3 / inner)
         return float(np.median(per))
 
-    for shape in SHAPES:
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",") if s] or SHAPES
+    for shape in shapes:
         x_host = synthetic_activations(shape, 0)
         table = build_table(synthetic_activations((8, *shape[1:]), 1), ["rot_mse_pc"], bits_list, boundaries=1)
         m = table.method_index("rot_mse_pc")
@@ -86,11 +89,13 @@ def main() -> int:
                 variants["warp"] = _cuda.FastRotation(c, rotation.groups, rotation._q, signs, base)
             variants["tiled"] = _cuda.TiledRotation(c, rotation.groups, rotation._q, signs, base)
             if args.sweep:
-                for r in (2, 4, 8, 16, 32):
-                    for t in (64, 128, 256):
-                        tr = _cuda.TiledRotation(c, rotation.groups, rotation._q, signs, base, tile_rows=r, threads=t)
-                        if tr._smem(r, c, tr.q, tr.groups) <= tr.SMEM_LIMIT:
-                            variants[f"tiled R{r} T{t}"] = tr
+                for r in (2, 4, 7, 8, 16, 32):
+                    for t in (64, 96, 128, 192, 256):
+                        for bps in (None, 2, 4, 8):
+                            tr = _cuda.TiledRotation(c, rotation.groups, rotation._q, signs, base, tile_rows=r,
+                                                     threads=t, blocks_per_sm=bps)
+                            if tr._smem(r, c, tr.q, tr.groups) <= tr.SMEM_LIMIT:
+                                variants[f"tiled R{r} T{t}" + (f" B{bps}" if bps else "")] = tr
             nb = codec.encoded_nbytes(x_host.size, bits)
             ref_payload = ref_y = None
             for name, v in variants.items():

@@ -171,14 +171,14 @@ class TiledRotation:
         return tile_rows * TiledRotation._srow(channels, q, groups) * 4
 
     def __init__(self, channels: int, groups: int, q: int, scaled_signs: np.ndarray, base: np.ndarray, *,
-                 tile_rows: int | None = None, threads: int | None = None) -> None:
+                 tile_rows: int | None = None, threads: int | None = None, blocks_per_sm: int | None = None) -> None:
         self.channels, self.groups, self.q = int(channels), int(groups), int(q)
         self.log_g = self.groups.bit_length() - 1
         self.srow = self._srow(self.channels, self.q, self.groups)
         self.signs = _cupy().asarray(np.ascontiguousarray(scaled_signs, dtype=np.float32))
         self._base_bytes = np.ascontiguousarray(base, dtype=np.float32).tobytes()
         self.module = _tiled_module(self._base_bytes, self.q, self.log_g, self.srow)
-        self.tile_rows, self.threads = tile_rows, threads
+        self.tile_rows, self.threads, self.blocks_per_sm = tile_rows, threads, blocks_per_sm
 
     def warmup(self, bits: tuple[int, ...]) -> None:
         for b in bits:
@@ -194,7 +194,9 @@ class TiledRotation:
         r = self.tile_rows or max(2, min(r_max, rows // (6 * _sm_count())))
         threads = self.threads or 128
         tiles = (rows + r - 1) // r
-        return max(1, min(tiles, _sm_count() * 16)), threads, r, self._smem(r, self.channels, self.q, self.groups)
+        # blocks_per_sm < tiles per SM: each block loops over several tiles (grid stride)
+        cap = _sm_count() * (self.blocks_per_sm or 16)
+        return max(1, min(tiles, cap)), threads, r, self._smem(r, self.channels, self.q, self.groups)
 
     def encode(self, x: object, bits: int, lo: object, inv: object, out: object, nan_count: object) -> None:
         rows = int(x.size) // self.channels
