@@ -54,7 +54,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -84,6 +84,10 @@ class LinkOptions:
     inflight_delay_s: float = 0.1
     #: also read the TCP connection's acknowledged bytes inside frames (Linux; see quantpipe.runtime.tcpinfo)
     tcp_progress: bool = True
+
+
+#: Closed bandwidth windows a sender keeps for take_windows() (the stage takes them every iteration).
+_KEPT_WINDOWS = 64
 
 
 def _incarnation() -> int:
@@ -156,7 +160,9 @@ class LinkSender:
         now = clock()
         self._last_heard = -1e18
         self._last_sent = now - options.heartbeat_interval_s
-        self._windows: list[WindowStats] = []
+        # closed windows until take_windows(); bounded: the source and the serve bridge never take them
+        # (a server running for days would otherwise keep every window it ever measured)
+        self._windows: deque[WindowStats] = deque(maxlen=_KEPT_WINDOWS)
 
     # -- state ---------------------------------------------------------------------------------
     @property
@@ -199,7 +205,8 @@ class LinkSender:
 
     def take_windows(self) -> list[WindowStats]:
         """Bandwidth windows closed since the last call."""
-        out, self._windows = self._windows, []
+        out = list(self._windows)
+        self._windows.clear()
         return out
 
     # -- sending -------------------------------------------------------------------------------

@@ -246,3 +246,24 @@ def test_oversized_frames_are_cut_off_by_the_socket(ctx):
     finally:
         raw.close()
         rx.close(0)
+
+
+def test_windows_nobody_takes_are_bounded(ctx):
+    # The source and the serve bridge never take their bandwidth windows: a server that runs for days
+    # must not keep every window it ever closed.
+    rx = LinkReceiver(ctx, "tcp://127.0.0.1:*", FAST, stage=1)
+    tx = LinkSender(ctx, rx.endpoint, FAST, stage=0, policy_window=1)
+    try:
+        for seq in range(80):
+            _until(tx.has_credit, tx)
+            tx.send(_frames(seq), seq=seq, images=1)
+            msg = _receive(rx, tx)
+            rx.accept(msg)
+            rx.done(msg.header.seq)
+        _until(lambda: tx.in_flight == 0, tx)
+        windows = tx.take_windows()
+        assert 60 <= len(windows) <= 64 and windows[-1].images == 1  # the latest ones, at most 64
+        assert tx.take_windows() == []
+    finally:
+        tx.close()
+        rx.close(0)
