@@ -45,12 +45,14 @@ alone, and the policy widens in one step instead of through a blended intermedia
 Linux, the sender also feeds the estimator readings of the kernel's acknowledged-byte counter
 (:meth:`BandwidthEstimator.on_tcp`, from :class:`~quantpipe.runtime.tcpinfo.TcpProgress`) while frames
 are outstanding. Once the counter's rate over the last ``min_frame_s`` falls below ``collapse_factor``
-of the estimate (the *trigger*), every byte acknowledged after that moment crossed the new link: the
+of the estimate (the *trigger*; it is dropped again as soon as that rate is back above it, so that a
+dip that ended is no trigger for a later collapse), every byte acknowledged after that moment crossed the new link: the
 readings from the trigger on measure the new link alone, inside the straddling frame. When the
 application ack of that frame then shows the collapse, the window closes on the fastest stretch of
 those readings (at least a third of their span: TCP may deliver below the new rate for a while as it
 recovers what the step dropped, never above it) as a measurement (:attr:`WindowStats.from_tcp`, not
-an upper bound), as long as the readings span at least ``min_frame_s``, so the
+an upper bound), as long as the readings span at least ``min_frame_s`` and that stretch is itself below
+``collapse_factor`` of the estimate, so the
 policy moves once, straight to the rung the new link allows, instead of waiting for another frame at
 the old bitwidth to cross it (4.2 s for a 32-bit microbatch of 8 on 2.42 Mbit/s: issue 12.5's 20x
 drop). Without readings (no TCP, not Linux, an emulated link) or with a measurement shorter than
@@ -203,6 +205,7 @@ class BandwidthEstimator:
         # reading of that run once its rate fell below collapse_factor x the estimate
         self._tcp_run: collections.deque[tuple[float, int]] = collections.deque()
         self._tcp_after: list[tuple[float, int]] = []  # the trigger and the readings after it
+        self._tcp_connection = 0
         self.tcp_windows = 0
         self._reset(None)
 
@@ -243,36 +246,47 @@ class BandwidthEstimator:
         self._outstanding += 1
         self._sent_at.append((now, isolated))
 
-    def on_tcp(self, now: float, acked: int, backlogged: bool) -> None:
-        """A reading of the link's TCP acknowledged-byte counter (``tcpi_bytes_acked``) at ``now``.
+    def on_tcp(self, now: float, acked: int, backlogged: bool, connection: int = 0) -> None:
+        """A reading of the link's delivered-byte counter (TCP's acknowledged bytes) at ``now``.
 
-        ``backlogged``: the connection still had bytes to deliver, so the counter grew at the link's
-        rate since the previous backlogged reading. See the module docstring for what the readings do.
+        ``backlogged``: the connection still had bytes to deliver and the link, not the receiver, held
+        them, so the counter grew at the link's rate since the previous backlogged reading.
+        ``connection`` identifies the connection the counter belongs to (a reconnection starts over).
+        See the module docstring for what the readings do.
         """
         run = self._tcp_run
+        if connection != self._tcp_connection:  # another connection: its counter is not this one's
+            self._tcp_connection = connection
+            run.clear()
+            self._tcp_after = []
         if not backlogged or self._outstanding == 0:
-            run.clear()  # the run ends; a trigger and its last reading wait for the frame's ack
+            run.clear()  # the run ends; a trigger and the readings after it wait for the frame's ack
             return
         if run and acked < run[-1][1]:
-            if acked < run[-1][1] // 2:  # a new connection: its counter starts over
+            if acked < run[-1][1] // 2:  # a counter that starts over: a new connection
                 run.clear()
             else:  # SACKed segments counted at the MSS, then acked at their size: never backwards
                 acked = run[-1][1]
         if not run:  # a new run
             self._tcp_after = []
         run.append((now, acked))
-        if self._tcp_after:
-            if len(self._tcp_after) < _TCP_READINGS:
-                self._tcp_after.append((now, acked))
-            return
         est, f = self._last_estimate, self.collapse_factor
         if est <= 0 or f <= 0:
+            self._tcp_after = []
             return
         while len(run) > 2 and now - run[1][0] >= self.min_frame_s:
             run.popleft()  # keep the latest reading at least min_frame_s old as the start
         t0, a0 = run[0]
-        if now - t0 >= self.min_frame_s and (acked - a0) / (now - t0) < f * est:
-            self._tcp_after = [(now, acked)]
+        if now - t0 < self.min_frame_s:  # too short to judge yet
+            if self._tcp_after and len(self._tcp_after) < _TCP_READINGS:
+                self._tcp_after.append((now, acked))
+            return
+        if (acked - a0) / (now - t0) >= f * est:
+            self._tcp_after = []  # not (or no longer) slow: a dip that ended is no trigger for later
+        elif not self._tcp_after:
+            self._tcp_after = [(now, acked)]  # the trigger
+        elif len(self._tcp_after) < _TCP_READINGS:
+            self._tcp_after.append((now, acked))
 
     def _tcp_measurement(self) -> tuple[int, float] | None:
         """(bytes, seconds) of the fastest stretch of the readings after the trigger, or None if they
@@ -387,6 +401,8 @@ class BandwidthEstimator:
             return None
         carried = sum(r.carried for r in frames)
         measured = self._tcp_measurement()
+        if measured is not None and measured[0] >= f * est * measured[1]:
+            measured = None  # not slow after all (readings from before the collapse): keep the bound
         self._tcp_after = []
         if measured is not None:  # the new link alone, measured inside the frame: no bound, no confirming
             stats = WindowStats(microbatches=len(frames), images=sum(r.images for r in frames),

@@ -346,7 +346,7 @@ class LinkSender:
         self._tcp_read_at = now
         reading = self.tcp.read() if self.tcp is not None else self.shaper.progress(now)
         if reading is not None:
-            self.estimator.on_tcp(now, *reading)
+            self.estimator.on_tcp(now, *reading, connection=self.tcp.generation if self.tcp is not None else 0)
 
     def _heartbeat(self, now: float) -> None:
         try:

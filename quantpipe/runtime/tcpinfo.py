@@ -12,8 +12,10 @@ limited by the link, not by a sender with nothing to send).
 
 Read-only, best effort: the descriptor belongs to libzmq's I/O thread, so it is only ever queried
 (``getsockopt``), never kept open, duplicated or closed here; a descriptor that went away (the monitor
-says so, or the call fails) is forgotten until the next connection. Where ``TCP_INFO`` or
-``tcpi_bytes_acked`` (Linux 4.2+) is missing, or the link is not TCP (ipc://, inproc://), :meth:`read`
+says so, or the call fails) is forgotten until the next connection, and each connection has its own
+:attr:`TcpProgress.generation`. Stretches in which the receiver's window, not the link, held the bytes
+back (``tcpi_rwnd_limited`` grew, Linux 4.10+) are not backlogged: a slow reader is not a slow link.
+Where ``TCP_INFO`` with ``tcpi_bytes_acked`` and ``tcpi_notsent_bytes`` (Linux 4.6+) is missing, or the link is not TCP (ipc://, inproc://), :meth:`read`
 returns None and the estimator works from application acks alone, as before.
 """
 
@@ -23,6 +25,7 @@ import logging
 import socket
 import struct
 import sys
+import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -37,26 +40,32 @@ _UNACKED = struct.Struct("<I")  # tcpi_unacked, offset 24 (segments sent, not ye
 _SACKED = struct.Struct("<I")  # tcpi_sacked, offset 28 (segments the peer has selectively acknowledged)
 _BYTES_ACKED = struct.Struct("<Q")  # tcpi_bytes_acked, offset 120 (RFC 4898 tcpEStatsAppHCThruOctetsAcked)
 _NOTSENT = struct.Struct("<I")  # tcpi_notsent_bytes, offset 144
-_INFO_LEN = 152
+_RWND_LIMITED = struct.Struct("<Q")  # tcpi_rwnd_limited, offset 176 (us limited by the receive window, 4.10+)
+_MIN_LEN = 148  # through tcpi_notsent_bytes (Linux 4.6)
+_INFO_LEN = 192
 
 _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
-def _read_fd(fd: int) -> tuple[int, bool]:
-    """(delivered bytes, backlogged) of TCP socket ``fd``; raises OSError if it is not one (any more)."""
-    s = socket.socket(fileno=fd)  # wraps the descriptor without duplicating it ...
+def _read_fd(fd: int) -> tuple[int, bool, int | None]:
+    """(delivered bytes, backlogged, microseconds limited by the receive window or None) of TCP socket
+    ``fd``; raises OSError if it is not one (any more)."""
+    # Wraps the descriptor without duplicating it, and with family and type given so that nothing is
+    # asked of it or set on it (a default socket timeout would make it non-blocking) ...
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK, 0, fileno=fd)
     try:
         buf = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _INFO_LEN)
     finally:
         s.detach()  # ... and gives it back untouched: libzmq owns and closes it
-    if len(buf) < _INFO_LEN:
-        raise OSError("TCP_INFO without tcpi_bytes_acked (kernel older than 4.2)")
+    if len(buf) < _MIN_LEN:
+        raise OSError("TCP_INFO without tcpi_bytes_acked and tcpi_notsent_bytes (kernel older than 4.6)")
     # Cumulatively acked bytes jump when a retransmission fills a hole, by all that the peer had SACKed
     # beyond it; counting SACKed segments as they arrive keeps the counter at the link's pace through
     # loss recovery (exact when nothing is lost: then nothing is SACKed).
     acked = _BYTES_ACKED.unpack_from(buf, 120)[0] + _SACKED.unpack_from(buf, 28)[0] * _SND_MSS.unpack_from(buf, 16)[0]
     backlogged = _UNACKED.unpack_from(buf, 24)[0] > 0 or _NOTSENT.unpack_from(buf, 144)[0] > 0
-    return acked, backlogged
+    rwnd = _RWND_LIMITED.unpack_from(buf, 176)[0] if len(buf) >= 184 else None
+    return acked, backlogged, rwnd
 
 
 class TcpProgress:
@@ -70,6 +79,9 @@ class TcpProgress:
         self._sock = sock
         self._monitor = sock.get_monitor_socket(_EVENTS)
         self.fd: int | None = None
+        #: changes with every connection (and loss of one): readings of two connections never mix
+        self.generation = 0
+        self._rwnd: tuple[float, int] | None = None  # (time, tcpi_rwnd_limited) of the previous reading
 
     def poll_events(self) -> None:
         """Follow connections and disconnections (non-blocking; about 1 us when nothing happened)."""
@@ -85,20 +97,31 @@ class TcpProgress:
                 return
             event, value = ev.get("event"), ev.get("value")
             if event == zmq.EVENT_CONNECTED:
+                self._forget()
                 self.fd = int(value)
             elif event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and value == self.fd:
-                self.fd = None
+                self._forget()
+
+    def _forget(self) -> None:
+        self.fd, self._rwnd = None, None
+        self.generation += 1
 
     def read(self) -> tuple[int, bool] | None:
         """``(delivered bytes, backlogged)`` of the current connection, or None (none, or not readable)."""
         if self.fd is None:
             return None
         try:
-            return _read_fd(self.fd)
+            delivered, backlogged, rwnd = _read_fd(self.fd)
         except OSError as exc:
             log.debug("TCP_INFO of fd %s unreadable (%s): forgotten until the next connection", self.fd, exc)
-            self.fd = None
+            self._forget()
             return None
+        if rwnd is not None:
+            now, previous = time.monotonic(), self._rwnd
+            self._rwnd = (now, rwnd)
+            if previous is not None and rwnd - previous[1] > 0.5e6 * (now - previous[0]):
+                backlogged = False  # the receiver's window held the bytes back, not the link
+        return delivered, backlogged
 
     def close(self) -> None:
         try:

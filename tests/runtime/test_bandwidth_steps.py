@@ -138,6 +138,35 @@ def test_the_measurement_is_the_links_rate_once_tcp_has_recovered_from_the_step(
     assert PaperPolicy([32, 16, 8, 6, 4, 2], 30.0).update(stats) == 4
 
 
+@pytest.mark.parametrize("collapse_at", [0.5, 0.9, 1.4, 1.9])
+def test_a_dip_that_ended_is_no_trigger_for_a_later_collapse(collapse_at):
+    # Two frames always in flight (the connection never idles); a 0.12 s stall, then the old rate again,
+    # then a 20x drop later in the same window. Before the review's fix the stall's trigger stayed armed
+    # and the collapse was "measured" from readings before it: 1.5-6 MB/s on a 0.3 MB/s link.
+    old, new = 6.05e6, 6.05e6 / 20
+    est = BandwidthEstimator(window=10, max_window_s=5.3)
+    _, t = _stream(est, [old] * 10)
+    start, stall = t, (t + 0.3, t + 0.42)
+    rates = [(t, old), (stall[0], 1e-9), (stall[1], old), (t + collapse_at, new)]
+    est.on_send(t)
+    est.on_send(t)
+    acked, read, dt, windows = 0, t + 0.05, 1e-3, []
+    while acked < 30 and not any(w.closed_early for w in windows):
+        t += dt
+        if t >= read:
+            est.on_tcp(t, 1 + int(_carried(start, t, rates)), True)
+            read += 0.05
+        if _carried(start, t, rates) >= (acked + 1) * FRAME:
+            acked += 1
+            stats = est.on_ack(t, FRAME, 8, 32, FRAME)
+            if stats is not None:
+                windows.append(stats)
+            est.on_send(t)
+    collapse = [w for w in windows if w.closed_early][0]
+    assert collapse.bandwidth == pytest.approx(new, rel=0.05), collapse
+    assert collapse.from_tcp or collapse.upper_bound
+
+
 @pytest.mark.parametrize("every", [0.3, 0.2])
 def test_too_few_readings_after_the_trigger_leave_the_upper_bound(every):
     # The step comes when 90 % of the frame has crossed (0.4 s on the new link). Read every 0.3 s the
