@@ -48,18 +48,36 @@ SINK_STAGE = 0xFFFE
 
 
 def top5(logits: np.ndarray) -> list[list[list[float]]]:
-    """Per image: the five best classes and their softmax probabilities, best first."""
+    """Per image: the five best classes and their softmax probabilities (float64), best first; of equal
+    values the lower index first."""
     z = logits.reshape(logits.shape[0], -1)
     k = min(5, z.shape[1])
-    top = np.argpartition(-z, k - 1, axis=1)[:, :k]  # O(n), not a full sort of every class
-    out = []
-    for i in range(z.shape[0]):
-        row = z[i].astype(np.float64)
-        m = row.max()
-        denom = np.exp(row - m).sum()
-        best = sorted(top[i], key=lambda c: (-row[c], c))
-        out.append([[int(c), round(float(np.exp(row[c] - m) / denom), 6)] for c in best])
-    return out
+    best = _top_k(z, k)
+    z64 = z.astype(np.float64)
+    m = z64.max(axis=1, keepdims=True)
+    e = np.exp(z64 - m)
+    denom = e.sum(axis=1)
+    return [[[int(c), round(float(e[i, c] / denom[i]), 6)] for c in best[i]] for i in range(z.shape[0])]
+
+
+def _top_k(z: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest values of each row, largest first, ties to the lower index.
+
+    ``k`` passes of a vectorized argmax (first occurrence), each masking what it took: 5 passes over a
+    [32, 37824] microbatch (an identity stage's output, which the benchmarks send to the sink) take
+    about 2 ms, where one argpartition took 15. A row with fewer than ``k`` values above -inf (where a
+    pass would take a masked value again) is ordered by a full sort instead."""
+    work = np.array(z, dtype=np.result_type(z.dtype, np.float32), copy=True)
+    rows = np.arange(z.shape[0])
+    picks = np.empty((z.shape[0], k), dtype=np.intp)
+    for j in range(k):
+        a = work.argmax(axis=1)
+        picks[:, j] = a
+        work[rows, a] = -np.inf
+    s = np.sort(picks, axis=1)
+    for i in np.flatnonzero((s[:, 1:] == s[:, :-1]).any(axis=1)):
+        picks[i] = np.lexsort((np.arange(z.shape[1]), -z[i].astype(np.float64)))[:k]
+    return picks
 
 
 class Sink:
