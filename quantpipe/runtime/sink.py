@@ -53,11 +53,13 @@ def top5(logits: np.ndarray) -> list[list[list[float]]]:
     z = logits.reshape(logits.shape[0], -1)
     k = min(5, z.shape[1])
     best = _top_k(z, k)
-    z64 = z.astype(np.float64)
-    m = z64.max(axis=1, keepdims=True)
-    e = np.exp(z64 - m)
-    denom = e.sum(axis=1)
-    return [[[int(c), round(float(e[i, c] / denom[i]), 6)] for c in best[i]] for i in range(z.shape[0])]
+    out = []
+    for i in range(z.shape[0]):  # row by row: a row's float64 exp stays in cache, a batch's does not
+        row = z[i].astype(np.float64)
+        e = np.exp(row - row.max())
+        denom = e.sum()
+        out.append([[int(c), round(float(e[c] / denom), 6)] for c in best[i]])
+    return out
 
 
 def _top_k(z: np.ndarray, k: int) -> np.ndarray:
@@ -65,7 +67,7 @@ def _top_k(z: np.ndarray, k: int) -> np.ndarray:
 
     ``k`` passes of a vectorized argmax (first occurrence), each masking what it took: 5 passes over a
     [32, 37824] microbatch (an identity stage's output, which the benchmarks send to the sink) take
-    about 2 ms, where one argpartition took 15. A row with fewer than ``k`` values above -inf (where a
+    about 0.7 ms, where one argpartition took 15. A row with fewer than ``k`` values above -inf (where a
     pass would take a masked value again) is ordered by a full sort instead."""
     work = np.array(z, dtype=np.result_type(z.dtype, np.float32), copy=True)
     rows = np.arange(z.shape[0])
