@@ -404,17 +404,14 @@ class BandwidthEstimator:
         if measured is not None and measured[0] >= f * est * measured[1]:
             measured = None  # not slow after all (readings from before the collapse): keep the bound
         self._tcp_after = []
+        common = {"microbatches": len(frames), "images": sum(r.images for r in frames),
+                  "fp32_bytes": sum(r.fp32_bytes for r in frames), "elapsed_s": carried, "bits": frames[-1].bits,
+                  "closed_early": True}
         if measured is not None:  # the new link alone, measured inside the frame: no bound, no confirming
-            stats = WindowStats(microbatches=len(frames), images=sum(r.images for r in frames),
-                                bytes=measured[0], fp32_bytes=sum(r.fp32_bytes for r in frames),
-                                busy_s=measured[1], elapsed_s=carried, bits=frames[-1].bits, closed_early=True,
-                                from_tcp=True)
+            stats = WindowStats(**common, bytes=measured[0], busy_s=measured[1], from_tcp=True)
             self.tcp_windows += 1
         else:
-            stats = WindowStats(microbatches=len(frames), images=sum(r.images for r in frames),
-                                bytes=sum(r.nbytes for r in frames), fp32_bytes=sum(r.fp32_bytes for r in frames),
-                                busy_s=carried, elapsed_s=carried, bits=frames[-1].bits, closed_early=True,
-                                upper_bound=True)
+            stats = WindowStats(**common, bytes=sum(r.nbytes for r in frames), busy_s=carried, upper_bound=True)
         self.early_closes += 1
         self._last_estimate = stats.bandwidth
         self._recent.clear()  # the next verdict needs frames measured against the new estimate

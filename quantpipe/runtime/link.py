@@ -148,6 +148,8 @@ class LinkSender:
         # The kernel's acknowledged-byte counter measures the link inside a frame (bandwidth.py). An
         # emulated link delays frames in this process, where TCP cannot see it: it emulates the counter.
         self.tcp = tcp_progress_for(self.sock, address) if options.tcp_progress and shaper is None else None
+        self._progress = self.tcp.read if self.tcp is not None else \
+            shaper.progress if options.tcp_progress and shaper is not None else None
         self._tcp_read_at = -1e18
         self.sock.connect(address)  # after the monitor, so that its connection event is seen
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
@@ -336,7 +338,7 @@ class LinkSender:
         Frames acknowledged within 50 ms are never read: a collapse needs ``min_frame_s`` of readings,
         and ``getsockopt(TCP_INFO)`` takes the socket's lock, which libzmq's I/O thread holds while it
         copies a large frame in (on unshaped loopback, reading at every ack cost 7 % of the 32-bit rate)."""
-        if self.tcp is None and (self.shaper is None or not self.options.tcp_progress):
+        if self._progress is None:
             return
         if self.tcp is not None:
             self.tcp.poll_events()
@@ -344,7 +346,7 @@ class LinkSender:
         if oldest is None or now - oldest < 0.05 or (not force and now - self._tcp_read_at < 0.02):
             return
         self._tcp_read_at = now
-        reading = self.tcp.read() if self.tcp is not None else self.shaper.progress(now)
+        reading = self._progress(now)
         if reading is not None:
             self.estimator.on_tcp(now, *reading, connection=self.tcp.generation if self.tcp is not None else 0)
 

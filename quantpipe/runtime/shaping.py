@@ -15,7 +15,6 @@ network: figures in BENCHMARKS.md say which one they used.
 from __future__ import annotations
 
 import collections
-
 import math
 from dataclasses import dataclass
 

@@ -25,7 +25,6 @@ import logging
 import socket
 import struct
 import sys
-import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -106,8 +105,9 @@ class TcpProgress:
         self.fd, self._rwnd = None, None
         self.generation += 1
 
-    def read(self) -> tuple[int, bool] | None:
-        """``(delivered bytes, backlogged)`` of the current connection, or None (none, or not readable)."""
+    def read(self, now: float) -> tuple[int, bool] | None:
+        """``(delivered bytes, backlogged)`` of the current connection at monotonic time ``now``, or None
+        (none, or not readable)."""
         if self.fd is None:
             return None
         try:
@@ -117,8 +117,7 @@ class TcpProgress:
             self._forget()
             return None
         if rwnd is not None:
-            now, previous = time.monotonic(), self._rwnd
-            self._rwnd = (now, rwnd)
+            previous, self._rwnd = self._rwnd, (now, rwnd)
             if previous is not None and rwnd - previous[1] > 0.5e6 * (now - previous[0]):
                 backlogged = False  # the receiver's window held the bytes back, not the link
         return delivered, backlogged

@@ -88,12 +88,12 @@ def test_the_counter_under_a_zeromq_dealer_follows_what_the_peer_took(pair):
         return progress.fd is not None
 
     _until(connected)
-    before, _ = progress.read()
+    before, _ = progress.read(time.monotonic())
     payload = b"\x01" * (4 << 20)
     dealer.send(payload)
     frames = router.recv_multipart()
     assert len(frames[1]) == len(payload)
-    done = _until(lambda: (r := progress.read()) and not r[1] and r)
+    done = _until(lambda: (r := progress.read(time.monotonic())) and not r[1] and r)
     assert done[0] - before >= len(payload)  # every byte (plus ZeroMQ's framing) acknowledged
 
 
@@ -109,7 +109,7 @@ def test_a_disconnection_forgets_the_descriptor(pair):
 
     def forgotten():
         progress.poll_events()
-        return progress.fd is None or progress.read() is None
+        return progress.fd is None or progress.read(time.monotonic()) is None
 
     _until(forgotten)
 
